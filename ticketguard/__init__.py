@@ -1,0 +1,23 @@
+"""ticketguard: find lottery tickets and prove who owns them."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ticketguard.tickets.mask import Mask  # noqa: E402
+from ticketguard.tickets.ticket import Ticket, load_ticket  # noqa: E402
+
+__all__ = ["Mask", "Ticket", "__version__", "load_ticket", "find_ticket", "load_checkpoint"]
+
+
+def __getattr__(name: str):
+    # Heavy entry points are imported lazily so `import ticketguard` stays quick.
+    if name == "find_ticket":
+        from ticketguard.tickets.finding import find_ticket
+
+        return find_ticket
+    if name == "load_checkpoint":
+        from ticketguard.tickets.loading import load_checkpoint
+
+        return load_checkpoint
+    raise AttributeError(f"module 'ticketguard' has no attribute {name!r}")

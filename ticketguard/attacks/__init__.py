@@ -1,0 +1,1 @@
+"""Removal and ambiguity attacks against ownership evidence, and the robustness benchmark."""

@@ -1,0 +1,24 @@
+"""The `ticketguard` command line: thin click commands over the library."""
+
+from __future__ import annotations
+
+import click
+
+from ticketguard import __version__
+from ticketguard.cli.find import find
+from ticketguard.cli.inspect import inspect
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ticketguard")
+def cli() -> None:
+    """Find lottery tickets and prove who owns them."""
+
+
+cli.add_command(find)
+cli.add_command(inspect)
+
+
+def main() -> None:
+    """Run the command line."""
+    cli(prog_name="ticketguard")

@@ -1,0 +1,43 @@
+"""Exception types. Every error a user can cause is one of these, so the CLI can turn it into one line."""
+
+from __future__ import annotations
+
+
+class TicketGuardError(Exception):
+    """Base class of every error ticketguard raises on purpose."""
+
+
+class TicketFormatError(TicketGuardError):
+    """A file cannot be read as a ticket, checkpoint or state dict."""
+
+
+class UnsafeFileError(TicketFormatError):
+    """A file would need arbitrary code execution (a pickle with code) to load."""
+
+
+class MaskError(TicketGuardError):
+    """A mask is malformed."""
+
+
+class MaskShapeError(MaskError):
+    """A mask does not match its weight tensor."""
+
+
+class MaskViolationError(MaskError):
+    """Weights are non-zero where the mask is off."""
+
+
+class ArchitectureError(TicketGuardError):
+    """An architecture is unknown, cannot be built, or does not fit a state dict."""
+
+
+class DatasetError(TicketGuardError):
+    """A dataset is unknown, missing or malformed."""
+
+
+class ConfigError(TicketGuardError):
+    """A configuration value is invalid."""
+
+
+class RunStateError(TicketGuardError):
+    """A run directory is in a state that forbids the requested action."""

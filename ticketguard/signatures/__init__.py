@@ -1,0 +1,1 @@
+"""Ownership evidence written into tickets: keys, credentials, topology signatures, trigger sets."""

@@ -1,0 +1,1 @@
+"""Tickets: masks, the ticket file format, loading checkpoints, models, data and finding tickets."""

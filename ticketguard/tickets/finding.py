@@ -1,0 +1,333 @@
+"""Finding tickets by iterative magnitude pruning with rewinding (method.md section 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ticketguard.errors import ConfigError, RunStateError, TicketFormatError
+from ticketguard.files import canonical_json, sha256_hex, write_json_atomic
+from ticketguard.tickets import paths
+from ticketguard.tickets.mask import Mask
+from ticketguard.tickets.models import build_model, default_input_shape, select_parameters
+from ticketguard.tickets.pruning import PruneConfig, prune_magnitude
+from ticketguard.tickets.ticket import Ticket, load_ticket
+from ticketguard.tickets.training import (
+    DistContext,
+    TrainConfig,
+    derive_seed,
+    evaluate,
+    iterations_per_epoch,
+    resolve_device,
+    train,
+)
+
+_REWIND = re.compile(r"^\s*(\d+)\s*(ep|epoch|epochs|it|iter|iters|iterations)?\s*$")
+
+
+def parse_rewind(text: str) -> tuple[int, str]:
+    """Parse a rewind point such as `0`, `3ep` or `500it` into (amount, 'ep'|'it')."""
+    match = _REWIND.match(str(text))
+    if not match:
+        raise ConfigError(f"rewind point {text!r} is not like 0, 3ep or 500it")
+    unit = (match.group(2) or "it")[:2]
+    return int(match.group(1)), ("ep" if unit == "ep" else "it")
+
+
+@dataclass(frozen=True)
+class FindConfig:
+    """Everything that determines a ticket-finding run (hashed to name and check the run)."""
+
+    arch: str = "digits_cnn"
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    dataset: str = "digits"
+    rounds: int = 10
+    prune: PruneConfig = PruneConfig()
+    rewind: str = "0"
+    layers: tuple[str, ...] | None = None
+    train: TrainConfig = TrainConfig()
+    seed: int = 0
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ConfigError(f"rounds must be >= 0, got {self.rounds}")
+        parse_rewind(self.rewind)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["arch_kwargs"] = dict(self.arch_kwargs)
+        data["layers"] = list(self.layers) if self.layers is not None else None
+        data["train"]["milestones"] = list(self.train.milestones)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FindConfig:
+        try:
+            d = dict(data)
+            d["prune"] = PruneConfig(**d["prune"])
+            t = dict(d["train"])
+            t["milestones"] = tuple(t["milestones"])
+            d["train"] = TrainConfig(**t)
+            d["layers"] = tuple(d["layers"]) if d.get("layers") is not None else None
+            return cls(**d)
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"not a valid find configuration: {exc}") from None
+
+    @property
+    def config_hash(self) -> str:
+        """SHA-256 of the canonical JSON of this configuration."""
+        return sha256_hex(canonical_json(self.to_dict()))
+
+    def rewind_iteration(self, per_epoch: int) -> int:
+        amount, unit = parse_rewind(self.rewind)
+        it = amount * per_epoch if unit == "ep" else amount
+        total = per_epoch * self.train.epochs
+        if it >= total:
+            raise ConfigError(f"rewind point {self.rewind} is not before the end of training ({total} it)")
+        return it
+
+
+class Reporter(Protocol):
+    """Receives progress from a run (the CLI draws bars and tables; the library is silent)."""
+
+    def round_started(self, round_index: int, iterations: int) -> None: ...
+    def advance(self, steps: int) -> None: ...
+    def round_finished(self, record: Mapping[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    """A reporter that says nothing."""
+
+    def round_started(self, round_index: int, iterations: int) -> None:
+        pass
+
+    def advance(self, steps: int) -> None:
+        pass
+
+    def round_finished(self, record: Mapping[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class FindResult:
+    """The outcome of a run: the final ticket, the per-round log and where things were written."""
+
+    ticket: Ticket
+    rounds: list[dict[str, Any]]
+    run_dir: Path
+
+
+def creation_time() -> str:
+    """Return the creation timestamp (UTC, ISO 8601); SOURCE_DATE_EPOCH fixes it for reproducibility."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = datetime.fromtimestamp(int(epoch), UTC) if epoch else datetime.now(UTC)
+    return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    core = model.module if hasattr(model, "module") else model
+    return {k: v.detach().clone().cpu() for k, v in core.state_dict().items()}
+
+
+def _check_run_dir(run_dir: Path, config: FindConfig, resume: bool) -> None:
+    cfg_path = paths.config_file(run_dir)
+    if not cfg_path.exists():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise RunStateError(f"{run_dir} exists and is not a ticketguard run; choose another --out")
+        return
+    if not resume:
+        raise RunStateError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    try:
+        stored = json.loads(cfg_path.read_text())["config_hash"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise RunStateError(f"{cfg_path} is unreadable ({exc}); cannot resume") from None
+    if stored != config.config_hash:
+        raise RunStateError(f"{run_dir} was started with a different configuration; cannot resume with this one")
+
+
+def load_run_config(run_dir: str | Path) -> FindConfig:
+    """Read the configuration a run directory was started with."""
+    cfg_path = paths.config_file(Path(run_dir))
+    try:
+        data = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise RunStateError(f"{run_dir} holds no ticketguard run (no config.json)") from None
+    except json.JSONDecodeError as exc:
+        raise RunStateError(f"{cfg_path} is not valid JSON: {exc}") from None
+    return FindConfig.from_dict(data["config"])
+
+
+def find_ticket(
+    config: FindConfig,
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    device: str = "auto",
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> FindResult:
+    """Run iterative magnitude pruning with rewinding and write every round's ticket.
+
+    Round 0 trains the dense network and records the rewind point; each later round prunes
+    `config.prune.rate` of the surviving weights by magnitude, rewinds the survivors and retrains
+    with the mask fixed. Finished rounds are kept on disk and skipped on resume. Under
+    `torchrun`, every rank trains its shard of each batch and only rank 0 writes files.
+    """
+    from ticketguard.tickets.data import load_data
+
+    reporter = reporter or SilentReporter()
+    run_dir = Path(out_dir)
+    dist = DistContext.current()
+    dev = resolve_device(device)
+    if dist.world_size > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count())
+    _check_run_dir(run_dir, config, resume)
+
+    splits = load_data(config.dataset, data_dir, download=download, split_seed=config.split_seed)
+    model_kwargs = dict(config.arch_kwargs)
+    expected = default_input_shape(config.arch)
+    if expected is not None and expected[0] != splits.input_shape[0]:
+        # Registry models adapt their stem to the data's channel count (e.g. ResNet-20 on MNIST).
+        model_kwargs.setdefault("in_channels", splits.input_shape[0])
+    torch.manual_seed(derive_seed(config.seed, "init"))
+    model = build_model(config.arch, splits.num_classes, model_kwargs, allow_import=True)
+    names = select_parameters(model, config.layers)
+    model.to(dev)
+    train_model: nn.Module = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    per_epoch = iterations_per_epoch(len(splits.train), config.train.batch_size)  # type: ignore[arg-type]
+    total_iters = per_epoch * config.train.epochs
+    rewind_it = config.rewind_iteration(per_epoch)
+    if dist.is_main:
+        write_json_atomic(
+            paths.config_file(run_dir),
+            {"config": config.to_dict(), "config_hash": config.config_hash, "pruned_layers": names},
+        )
+    base_meta = {
+        "architecture": {"name": config.arch, "kwargs": model_kwargs},
+        "num_classes": splits.num_classes,
+        "input_shape": list(splits.input_shape),
+        "dataset": {"name": config.dataset, "split_seed": config.split_seed},
+        "pruned_layers": names,
+    }
+
+    records: list[dict[str, Any]] = []
+    ticket: Ticket | None = None
+    dense_acc: dict[str, float] = {}
+    for r in range(config.rounds + 1):
+        round_path = paths.round_ticket(run_dir, r)
+        if round_path.exists():
+            try:
+                ticket = load_ticket(round_path)
+            except TicketFormatError:
+                ticket = None  # an unfinished write; the round is redone
+            else:
+                record = _load_record(run_dir, r) or _record(r, ticket, float("nan"), 0.0)
+                records.append(record)
+                if r == 0:
+                    dense_acc = {"val": record["val_accuracy"], "test": record["test_accuracy"]}
+                continue
+        started = time.perf_counter()
+        if r == 0:
+            mask = Mask.ones_like(dict(model.named_parameters()), names)
+            start = 0
+        else:
+            assert ticket is not None
+            mask = prune_magnitude(ticket.trained, ticket.mask, config.prune)
+            model.load_state_dict(ticket.rewind)
+            start = rewind_it
+        reporter.round_started(r, total_iters - start)
+        result = train(
+            train_model,
+            mask,
+            splits.train,
+            config.train,
+            device=dev,
+            seed=derive_seed(config.seed, "round", r),
+            start_iteration=start,
+            capture_at=rewind_it if r == 0 else None,
+            progress=reporter.advance,
+            dist=dist,
+        )
+        rewind_state = result.captured if r == 0 else ticket.rewind  # type: ignore[union-attr]
+        val_acc = evaluate(model, splits.val, dev)
+        test_acc = evaluate(model, splits.test, dev)
+        if r == 0:
+            dense_acc = {"val": val_acc, "test": test_acc}
+        meta = {
+            **base_meta,
+            "finding": {"config": config.to_dict(), "config_hash": config.config_hash, "round": r},
+            "accuracy": {"val": val_acc, "test": test_acc, "dense_val": dense_acc["val"], "dense_test": dense_acc["test"]},
+            "created": creation_time(),
+        }
+        ticket = Ticket(mask.to("cpu"), _state(model), rewind_state or {}, meta)
+        record = _record(r, ticket, result.last_loss, time.perf_counter() - started)
+        records.append(record)
+        if dist.is_main:
+            ticket.save(round_path)
+            write_json_atomic(paths.log_file(run_dir), _log(config, records, dist))
+        _barrier(dist)
+        reporter.round_finished(record)
+
+    assert ticket is not None
+    if dist.is_main:
+        ticket.save(paths.final_ticket(run_dir))
+        write_json_atomic(paths.log_file(run_dir), _log(config, records, dist))
+    _barrier(dist)
+    return FindResult(ticket, records, run_dir)
+
+
+def _record(r: int, ticket: Ticket, loss: float, seconds: float) -> dict[str, Any]:
+    acc = ticket.metadata.get("accuracy", {})
+    return {
+        "round": r,
+        "density": ticket.mask.density,
+        "sparsity": ticket.mask.sparsity,
+        "surviving": ticket.mask.num_surviving,
+        "total": ticket.mask.num_weights,
+        "val_accuracy": acc.get("val"),
+        "test_accuracy": acc.get("test"),
+        "train_loss": loss,
+        "seconds": round(seconds, 3),
+        "layer_density": {s.name: s.density for s in ticket.mask.layer_stats()},
+    }
+
+
+def _load_record(run_dir: Path, r: int) -> dict[str, Any] | None:
+    try:
+        rounds = json.loads(paths.log_file(run_dir).read_text())["rounds"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+    return next((rec for rec in rounds if rec.get("round") == r), None)
+
+
+def _log(config: FindConfig, records: list[dict[str, Any]], dist: DistContext) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "config_hash": config.config_hash,
+        "world_size": dist.world_size,
+        "rounds": records,
+    }
+
+
+def _barrier(dist: DistContext) -> None:
+    if dist.world_size > 1:
+        import torch.distributed
+
+        torch.distributed.barrier()

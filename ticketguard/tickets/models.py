@@ -1,0 +1,315 @@
+"""Architectures: a registry of models for small and CIFAR-sized inputs, torchvision, and user factories.
+
+An architecture is named by a string:
+- a registry name (`digits_cnn`, `resnet20`, `resnet18_cifar`, `vgg16_cifar`);
+- `torchvision:NAME` (or a bare NAME) for every torchvision classification model;
+- `package.module:factory` for a user's own model: `factory(num_classes=..., **kwargs)`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ticketguard.errors import ArchitectureError, ConfigError
+
+PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+# --- Models --------------------------------------------------------------------------------------
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for 8x8 digits; conv2 has a 64x32 and conv3 a 64x64 channel matrix."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
+        super().__init__()
+        w1, w2 = width, 2 * width
+        self.conv1 = nn.Conv2d(in_channels, w1, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w1)
+        self.conv2 = nn.Conv2d(w1, w2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(w2)
+        self.conv3 = nn.Conv2d(w2, w2, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(w2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(4 * w2, 128)
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = self.pool(F.relu(self.bn3(self.conv3(x))))
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc(x)
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample spatially and zero-pad the new channels (no parameters)."""
+
+    def __init__(self, out_channels: int, in_channels: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.pad = out_channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        half = self.pad // 2
+        return F.pad(x, (0, 0, 0, 0, half, self.pad - half))
+
+
+class BasicBlock(nn.Module):
+    """The two-conv residual block of CIFAR ResNets, with option-A or option-B shortcuts."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, option: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            if option == "A":
+                self.shortcut = PadShortcut(planes, in_planes, stride)
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                    nn.BatchNorm2d(planes),
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs: a 3x3 stem, residual stages, global pooling, a linear classifier."""
+
+    def __init__(
+        self,
+        blocks: Sequence[int],
+        widths: Sequence[int],
+        option: str,
+        num_classes: int = 10,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        in_planes = widths[0]
+        stages = []
+        for i, (count, planes) in enumerate(zip(blocks, widths, strict=True)):
+            layers = []
+            for j in range(count):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(BasicBlock(in_planes, planes, stride, option))
+                in_planes = planes
+            stages.append(nn.Sequential(*layers))
+        self.layers = nn.ModuleList(stages)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        for stage in self.layers:
+            x = stage(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """CIFAR ResNet-20 (He et al. 2016) with option-A shortcuts: 0.27M parameters."""
+    return CifarResNet([3, 3, 3], [16, 32, 64], "A", num_classes, in_channels)
+
+
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """CIFAR-style ResNet-18: 3x3 stem, no max-pool, 1x1-conv shortcuts."""
+    return CifarResNet([2, 2, 2, 2], [64, 128, 256, 512], "B", num_classes, in_channels)
+
+
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """VGG with batch normalisation for 32x32 inputs and a single linear classifier."""
+
+    def __init__(self, layout: Sequence[int | str], num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for item in layout:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [
+                    nn.Conv2d(channels, int(item), 3, padding=1, bias=False),
+                    nn.BatchNorm2d(int(item)),
+                    nn.ReLU(inplace=True),
+                ]
+                channels = int(item)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(x)
+
+
+def vgg16_cifar(num_classes: int = 10, in_channels: int = 3) -> VGG:
+    """VGG-16 with batch normalisation for CIFAR."""
+    return VGG(VGG16_LAYOUT, num_classes, in_channels)
+
+
+# --- Registry ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered architecture: how to build it and the input it expects by default."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]
+    description: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+REGISTRY: dict[str, Architecture] = {
+    a.name: a
+    for a in [
+        Architecture("digits_cnn", DigitsCNN, (1, 8, 8), "small CNN for 8x8 digits"),
+        Architecture("resnet20", resnet20, (3, 32, 32), "CIFAR ResNet-20, option-A shortcuts"),
+        Architecture("resnet18_cifar", resnet18_cifar, (3, 32, 32), "CIFAR-style ResNet-18"),
+        Architecture("vgg16_cifar", vgg16_cifar, (3, 32, 32), "VGG-16 with BN for CIFAR"),
+    ]
+}
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def is_import_path(arch: str) -> bool:
+    """Whether `arch` names a user factory (`package.module:factory`) rather than a known model."""
+    return ":" in arch and not arch.startswith("torchvision:")
+
+
+def known_architectures() -> list[str]:
+    """Return the registry names (torchvision names are accepted too)."""
+    return sorted(REGISTRY)
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    allow_import: bool = False,
+) -> nn.Module:
+    """Build an untrained model by architecture name.
+
+    Import paths run the user's code, so they are built only with `allow_import=True` (the user
+    typed the path); an import path read from a file is never followed silently.
+    """
+    kwargs = dict(kwargs or {})
+    try:
+        if arch in REGISTRY:
+            return REGISTRY[arch].factory(num_classes=num_classes, **kwargs)
+        if is_import_path(arch):
+            if not allow_import:
+                raise ArchitectureError(
+                    f"architecture {arch!r} is an import path; pass --arch {arch} to allow "
+                    "building it (it runs that module's code)"
+                )
+            return _import_factory(arch)(num_classes=num_classes, **kwargs)
+        tv_name = arch.removeprefix("torchvision:")
+        if tv_name in _torchvision_names():
+            import torchvision.models as tvm
+
+            return tvm.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
+    except ArchitectureError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ArchitectureError(f"cannot build {arch!r} with {kwargs}: {exc}") from None
+    raise ArchitectureError(
+        f"unknown architecture {arch!r} (known: {', '.join(known_architectures())}, "
+        "any torchvision classification model, or package.module:factory)"
+    )
+
+
+def _import_factory(path: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ArchitectureError(f"cannot import {module_name!r} for {path!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ArchitectureError(f"{path!r}: module {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def check_architecture(arch: str) -> None:
+    """Raise ArchitectureError if `arch` is not a name build_model could resolve."""
+    if arch in REGISTRY or is_import_path(arch):
+        return
+    if arch.removeprefix("torchvision:") in _torchvision_names():
+        return
+    build_model(arch, 10)  # raises with the list of known names
+
+
+def default_input_shape(arch: str) -> tuple[int, int, int] | None:
+    """Return the registry's default input shape, or None when the architecture has none."""
+    entry = REGISTRY.get(arch)
+    return entry.input_shape if entry else None
+
+
+# --- Prunable layers -----------------------------------------------------------------------------
+
+
+def prunable_parameters(model: nn.Module) -> list[str]:
+    """Return the names of every conv and linear weight, in module registration order."""
+    return [
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules()
+        if isinstance(module, PRUNABLE_TYPES) and getattr(module, "weight", None) is not None
+    ]
+
+
+def default_pruned_parameters(model: nn.Module) -> list[str]:
+    """Return every conv and linear weight except the first conv and the final classifier."""
+    convs = [
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    ]
+    linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    excluded = set(convs[:1]) | set(linears[-1:])
+    return [n for n in prunable_parameters(model) if n not in excluded]
+
+
+def select_parameters(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
+    """Resolve layer patterns (exact names or fnmatch globs) to prunable weight names."""
+    if not patterns:
+        return default_pruned_parameters(model)
+    prunable = prunable_parameters(model)
+    chosen: list[str] = []
+    for pattern in patterns:
+        candidates = [pattern, f"{pattern}.weight"]
+        matched = [n for n in prunable if any(fnmatch.fnmatchcase(n, c) for c in candidates)]
+        if not matched:
+            raise ConfigError(
+                f"layer pattern {pattern!r} matches no conv or linear weight "
+                f"(prunable: {', '.join(prunable[:8])}{', ...' if len(prunable) > 8 else ''})"
+            )
+        chosen += [n for n in matched if n not in chosen]
+    return [n for n in prunable if n in chosen]
