@@ -14,7 +14,9 @@ from typing import Any
 
 def canonical_json(obj: Any) -> str:
     """Serialise to canonical JSON: sorted keys, no insignificant whitespace, UTF-8 safe."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def sha256_hex(data: bytes | str) -> str:

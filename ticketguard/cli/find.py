@@ -17,9 +17,9 @@ from ticketguard.cli._common import (
     library_errors,
     parse_kwargs,
 )
+from ticketguard.tickets import paths
 from ticketguard.tickets.finding import FindConfig, find_ticket, load_run_config
 from ticketguard.tickets.models import check_architecture
-from ticketguard.tickets import paths
 from ticketguard.tickets.pruning import SCOPES
 from ticketguard.tickets.training import OPTIMIZERS, SCHEDULES
 
@@ -58,13 +58,15 @@ def _option_value(name: str, value: Any) -> Any:
         try:
             return tuple(float(v) for v in value.split(",") if v.strip())
         except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of fractions",
-                                     param_hint="--milestones") from None
+            raise click.BadParameter(
+                f"{value!r} is not a comma-separated list of fractions", param_hint="--milestones"
+            ) from None
     return value
 
 
-def build_config(options: Mapping[str, Any], base: FindConfig | None = None,
-                 only: set[str] | None = None) -> FindConfig:
+def build_config(
+    options: Mapping[str, Any], base: FindConfig | None = None, only: set[str] | None = None
+) -> FindConfig:
     """Build a FindConfig from CLI options, on top of `base` for the options named in `only`."""
     data = (base or FindConfig()).to_dict()
     for name, (section, field) in CONFIG_OPTIONS.items():
@@ -80,13 +82,24 @@ class RichReporter:
 
     def __init__(self, quiet: bool):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.quiet = quiet
         self.console = Console()
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=Console(stderr=True), transient=True, disable=quiet,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+            disable=quiet,
         )
         self.task = None
         self.records: list[Mapping[str, Any]] = []
@@ -120,8 +133,11 @@ class RichReporter:
             table.add_column(col, justify="right")
         for rec in records:
             table.add_row(
-                str(rec["round"]), f"{rec['surviving']:,}", f"{100 * rec['sparsity']:.2f}",
-                f"{100 * rec['val_accuracy']:.2f}", f"{100 * rec['test_accuracy']:.2f}",
+                str(rec["round"]),
+                f"{rec['surviving']:,}",
+                f"{100 * rec['sparsity']:.2f}",
+                f"{100 * rec['val_accuracy']:.2f}",
+                f"{100 * rec['test_accuracy']:.2f}",
             )
         self.console.print(table)
 
@@ -138,45 +154,103 @@ def _init_distributed(device: str) -> bool:
 
 
 @click.command()
-@click.option("--out", "out", type=click.Path(file_okay=False), required=True,
-              help="Run directory: final.ticket, rounds/round-NN.ticket, log.json, config.json.")
-@click.option("--arch", default="digits_cnn", show_default=True,
-              help="Registry name, torchvision model name, or package.module:factory.")
-@click.option("--arch-arg", multiple=True, metavar="KEY=VALUE", help="Extra keyword for the model factory.")
-@click.option("--dataset", default="digits", show_default=True,
-              help="digits, cifar10, cifar100, mnist, fashion-mnist or imagefolder:PATH.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Run directory: final.ticket, rounds/round-NN.ticket, log.json, config.json.",
+)
+@click.option(
+    "--arch",
+    default="digits_cnn",
+    show_default=True,
+    help="Registry name, torchvision model name, or package.module:factory.",
+)
+@click.option(
+    "--arch-arg", multiple=True, metavar="KEY=VALUE", help="Extra keyword for the model factory."
+)
+@click.option(
+    "--dataset",
+    default="digits",
+    show_default=True,
+    help="digits, cifar10, cifar100, mnist, fashion-mnist or imagefolder:PATH.",
+)
 @data_dir_option
 @download_option
-@click.option("--rounds", type=int, default=10, show_default=True, help="Pruning rounds after dense training.")
-@click.option("--rate", type=float, default=0.2, show_default=True, help="Fraction of surviving weights pruned per round.")
-@click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
-              help="One magnitude threshold over all layers, or one per layer.")
-@click.option("--rewind", default="0", show_default=True,
-              help="Rewind point: 0 (original LTH), Nep (epochs) or Nit (iterations).")
-@click.option("--layers", multiple=True, metavar="PATTERN",
-              help="Weights to prune (name or glob, repeatable). Default: every conv and linear "
-                   "weight except the first conv and the classifier.")
-@click.option("--epochs", type=int, default=30, show_default=True, help="Training epochs per round.")
+@click.option(
+    "--rounds", type=int, default=10, show_default=True, help="Pruning rounds after dense training."
+)
+@click.option(
+    "--rate",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Fraction of surviving weights pruned per round.",
+)
+@click.option(
+    "--scope",
+    type=click.Choice(SCOPES),
+    default="global",
+    show_default=True,
+    help="One magnitude threshold over all layers, or one per layer.",
+)
+@click.option(
+    "--rewind",
+    default="0",
+    show_default=True,
+    help="Rewind point: 0 (original LTH), Nep (epochs) or Nit (iterations).",
+)
+@click.option(
+    "--layers",
+    multiple=True,
+    metavar="PATTERN",
+    help="Weights to prune (name or glob, repeatable). Default: every conv and linear "
+    "weight except the first conv and the classifier.",
+)
+@click.option(
+    "--epochs", type=int, default=30, show_default=True, help="Training epochs per round."
+)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True)
 @click.option("--lr", type=float, default=0.05, show_default=True, help="Peak learning rate.")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine", show_default=True)
-@click.option("--milestones", default="0.5,0.75", show_default=True,
-              help="Step schedule: fractions of training where the rate is multiplied by --gamma.")
+@click.option(
+    "--milestones",
+    default="0.5,0.75",
+    show_default=True,
+    help="Step schedule: fractions of training where the rate is multiplied by --gamma.",
+)
 @click.option("--gamma", type=float, default=0.1, show_default=True)
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only; ignored on the CPU).")
-@click.option("--workers", type=int, default=0, show_default=True, help="Data-loader worker processes.")
+@click.option(
+    "--workers", type=int, default=0, show_default=True, help="Data-loader worker processes."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split.")
+@click.option(
+    "--split-seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split."
+)
 @device_option
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out with its recorded configuration.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run in --out with its recorded configuration.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-round lines.")
 @click.pass_context
 @library_errors
-def find(ctx: click.Context, out: str, data_dir: str | None, download: bool, device: str,
-         resume: bool, quiet: bool, **options: Any) -> None:
+def find(
+    ctx: click.Context,
+    out: str,
+    data_dir: str | None,
+    download: bool,
+    device: str,
+    resume: bool,
+    quiet: bool,
+    **options: Any,
+) -> None:
     """Find a lottery ticket by iterative magnitude pruning with rewinding.
 
     \b
@@ -186,8 +260,11 @@ def find(ctx: click.Context, out: str, data_dir: str | None, download: bool, dev
     check_architecture(options["arch"])
     out_dir = Path(out)
     if resume and paths.config_file(out_dir).exists():
-        explicit = {n for n in CONFIG_OPTIONS
-                    if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
+        explicit = {
+            n
+            for n in CONFIG_OPTIONS
+            if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)
+        }
         config = build_config(options, load_run_config(out_dir), only=explicit)
     else:
         config = build_config(options)
@@ -197,8 +274,15 @@ def find(ctx: click.Context, out: str, data_dir: str | None, download: bool, dev
 
         is_main = DistContext.current().is_main
         reporter = RichReporter(quiet or not is_main)
-        result = find_ticket(config, out_dir, data_dir=data_dir, download=download, device=device,
-                             resume=resume, reporter=reporter)
+        result = find_ticket(
+            config,
+            out_dir,
+            data_dir=data_dir,
+            download=download,
+            device=device,
+            resume=resume,
+            reporter=reporter,
+        )
     finally:
         if distributed:
             import torch.distributed as dist
@@ -212,4 +296,6 @@ def find(ctx: click.Context, out: str, data_dir: str | None, download: bool, dev
             f"dense test accuracy {100 * acc['dense_test']:.2f}%, ticket test accuracy "
             f"{100 * acc['test']:.2f}% at {100 * result.ticket.mask.sparsity:.2f}% sparsity"
         )
-        click.echo(f"wrote {paths.final_ticket(out_dir)} (fingerprint {result.ticket.fingerprint[:16]}...)")
+        click.echo(
+            f"wrote {paths.final_ticket(out_dir)} (fingerprint {result.ticket.fingerprint[:16]}...)"
+        )

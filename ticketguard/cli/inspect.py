@@ -19,29 +19,47 @@ def _print_human(report: dict[str, Any]) -> None:
     sp = report["sparsity"]
     arch = report.get("architecture") or "unknown (pass --arch)"
     console.print(f"[bold]{report['path']}[/bold]  ({report['format']})")
-    console.print(f"architecture    {arch}" + (f", {report['num_classes']} classes" if report.get("num_classes") else ""))
-    console.print(f"parameters      {report['parameters']['total']:,} in all, "
-                  f"{sp['total']:,} masked, {sp['surviving']:,} surviving")
-    console.print(f"sparsity        {100 * sp['sparsity']:.2f}% global (density {100 * sp['density']:.2f}%), "
-                  f"mask from {report['mask_source']}")
+    console.print(
+        f"architecture    {arch}"
+        + (f", {report['num_classes']} classes" if report.get("num_classes") else "")
+    )
+    console.print(
+        f"parameters      {report['parameters']['total']:,} in all, "
+        f"{sp['total']:,} masked, {sp['surviving']:,} surviving"
+    )
+    console.print(
+        f"sparsity        {100 * sp['sparsity']:.2f}% global (density {100 * sp['density']:.2f}%), "
+        f"mask from {report['mask_source']}"
+    )
     console.print(f"fingerprint     {report['fingerprint']}")
     meta = report.get("metadata") or {}
     for key in ("dataset", "created", "toolkit_version"):
         if key in meta:
-            value = meta[key]["name"] if key == "dataset" and isinstance(meta[key], dict) else meta[key]
+            value = (
+                meta[key]["name"] if key == "dataset" and isinstance(meta[key], dict) else meta[key]
+            )
             console.print(f"{key:<16}{value}")
     acc = meta.get("accuracy") or {}
     if acc:
-        console.print("recorded acc    " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in sorted(acc.items())))
+        console.print(
+            "recorded acc    " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in sorted(acc.items()))
+        )
     if "evaluation" in report:
         ev = report["evaluation"]
-        console.print(f"[bold]test accuracy   {100 * ev['accuracy']:.2f}%[/bold] on {ev['dataset']} ({ev['samples']} samples)")
+        console.print(
+            f"[bold]test accuracy   {100 * ev['accuracy']:.2f}%[/bold] on {ev['dataset']} ({ev['samples']} samples)"
+        )
     table = Table(title="per layer")
     for col in ("tensor", "shape", "weights", "surviving", "sparsity %"):
         table.add_column(col, justify="left" if col == "tensor" else "right")
     for layer in sp["layers"]:
-        table.add_row(layer["name"], "x".join(map(str, layer["shape"])), f"{layer['total']:,}",
-                      f"{layer['surviving']:,}", f"{100 * layer['sparsity']:.2f}")
+        table.add_row(
+            layer["name"],
+            "x".join(map(str, layer["shape"])),
+            f"{layer['total']:,}",
+            f"{layer['surviving']:,}",
+            f"{100 * layer['sparsity']:.2f}",
+        )
     console.print(table)
     for note in report["notes"]:
         console.print(f"note: {note}")
@@ -49,16 +67,36 @@ def _print_human(report: dict[str, Any]) -> None:
 
 @click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--arch", default=None, help="Architecture when the file records none (registry, torchvision or package.module:factory).")
-@click.option("--arch-arg", multiple=True, metavar="KEY=VALUE", help="Extra keyword for the model factory.")
-@click.option("--eval", "eval_dataset", default=None, metavar="DATASET", help="Also measure test accuracy on DATASET.")
+@click.option(
+    "--arch",
+    default=None,
+    help="Architecture when the file records none (registry, torchvision or package.module:factory).",
+)
+@click.option(
+    "--arch-arg", multiple=True, metavar="KEY=VALUE", help="Extra keyword for the model factory."
+)
+@click.option(
+    "--eval",
+    "eval_dataset",
+    default=None,
+    metavar="DATASET",
+    help="Also measure test accuracy on DATASET.",
+)
 @data_dir_option
 @download_option
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @library_errors
-def inspect(file: str, arch: str | None, arch_arg: tuple[str, ...], eval_dataset: str | None,
-            data_dir: str | None, download: bool, device: str, as_json: bool) -> None:
+def inspect(
+    file: str,
+    arch: str | None,
+    arch_arg: tuple[str, ...],
+    eval_dataset: str | None,
+    data_dir: str | None,
+    download: bool,
+    device: str,
+    as_json: bool,
+) -> None:
     """Show what FILE holds: architecture, sparsity per layer, fingerprint, metadata.
 
     FILE may be a ticket, a safetensors file, a PyTorch state dict, a torch.nn.utils.prune
@@ -71,8 +109,15 @@ def inspect(file: str, arch: str | None, arch_arg: tuple[str, ...], eval_dataset
     from ticketguard.cli._common import parse_kwargs
 
     kwargs = parse_kwargs(arch_arg, "--arch-arg") if arch_arg else None
-    report = inspect_file(file, arch=arch, arch_kwargs=kwargs, eval_dataset=eval_dataset,
-                          data_dir=data_dir, download=download, device=device)
+    report = inspect_file(
+        file,
+        arch=arch,
+        arch_kwargs=kwargs,
+        eval_dataset=eval_dataset,
+        data_dir=data_dir,
+        download=download,
+        device=device,
+    )
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:

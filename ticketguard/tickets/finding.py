@@ -94,7 +94,9 @@ class FindConfig:
         it = amount * per_epoch if unit == "ep" else amount
         total = per_epoch * self.train.epochs
         if it >= total:
-            raise ConfigError(f"rewind point {self.rewind} is not before the end of training ({total} it)")
+            raise ConfigError(
+                f"rewind point {self.rewind} is not before the end of training ({total} it)"
+            )
         return it
 
 
@@ -144,16 +146,22 @@ def _check_run_dir(run_dir: Path, config: FindConfig, resume: bool) -> None:
     cfg_path = paths.config_file(run_dir)
     if not cfg_path.exists():
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise RunStateError(f"{run_dir} exists and is not a ticketguard run; choose another --out")
+            raise RunStateError(
+                f"{run_dir} exists and is not a ticketguard run; choose another --out"
+            )
         return
     if not resume:
-        raise RunStateError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        raise RunStateError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
     try:
         stored = json.loads(cfg_path.read_text())["config_hash"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise RunStateError(f"{cfg_path} is unreadable ({exc}); cannot resume") from None
     if stored != config.config_hash:
-        raise RunStateError(f"{run_dir} was started with a different configuration; cannot resume with this one")
+        raise RunStateError(
+            f"{run_dir} was started with a different configuration; cannot resume with this one"
+        )
 
 
 def load_run_config(run_dir: str | Path) -> FindConfig:
@@ -192,7 +200,9 @@ def find_ticket(
     dist = DistContext.current()
     dev = resolve_device(device)
     if dist.world_size > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count())
+        dev = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count()
+        )
     _check_run_dir(run_dir, config, resume)
 
     splits = load_data(config.dataset, data_dir, download=download, split_seed=config.split_seed)
@@ -209,7 +219,9 @@ def find_ticket(
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        train_model = DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
 
     per_epoch = iterations_per_epoch(len(splits.train), config.train.batch_size)  # type: ignore[arg-type]
     total_iters = per_epoch * config.train.epochs
@@ -273,7 +285,12 @@ def find_ticket(
         meta = {
             **base_meta,
             "finding": {"config": config.to_dict(), "config_hash": config.config_hash, "round": r},
-            "accuracy": {"val": val_acc, "test": test_acc, "dense_val": dense_acc["val"], "dense_test": dense_acc["test"]},
+            "accuracy": {
+                "val": val_acc,
+                "test": test_acc,
+                "dense_val": dense_acc["val"],
+                "dense_test": dense_acc["test"],
+            },
             "created": creation_time(),
         }
         ticket = Ticket(mask.to("cpu"), _state(model), rewind_state or {}, meta)

@@ -57,7 +57,9 @@ def inspect_file(
     if model is not None and report["num_classes"] is None:
         report["num_classes"] = _classes_of(model)
     if eval_dataset is not None:
-        report["evaluation"] = _evaluate(model, eval_dataset, loaded.metadata, data_dir, download, device)
+        report["evaluation"] = _evaluate(
+            model, eval_dataset, loaded.metadata, data_dir, download, device
+        )
     return report
 
 
@@ -68,8 +70,14 @@ def _classes_of(model: Any) -> int | None:
     return linears[-1].out_features if linears else None
 
 
-def _evaluate(model: Any, dataset: str, metadata: Mapping[str, Any], data_dir: str | Path | None,
-              download: bool, device: str) -> dict[str, Any]:
+def _evaluate(
+    model: Any,
+    dataset: str,
+    metadata: Mapping[str, Any],
+    data_dir: str | Path | None,
+    download: bool,
+    device: str,
+) -> dict[str, Any]:
     from ticketguard.tickets.data import load_data
     from ticketguard.tickets.training import evaluate, resolve_device
 
@@ -82,7 +90,14 @@ def _evaluate(model: Any, dataset: str, metadata: Mapping[str, Any], data_dir: s
     try:
         accuracy = evaluate(model, splits.test, dev)
     except RuntimeError as exc:
-        raise DatasetError(f"the model cannot take {dataset!r} inputs {splits.input_shape}: "
-                           f"{str(exc).splitlines()[0]}") from None
-    return {"dataset": dataset, "split": "test", "samples": len(splits.test), "accuracy": accuracy,
-            "split_seed": split_seed}
+        raise DatasetError(
+            f"the model cannot take {dataset!r} inputs {splits.input_shape}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    return {
+        "dataset": dataset,
+        "split": "test",
+        "samples": len(splits.test),
+        "accuracy": accuracy,
+        "split_seed": split_seed,
+    }

@@ -70,8 +70,18 @@ def _torch_load(path: Path) -> Any:
                 f"{path}: refused: loading it would execute code from the file"
                 + (f" ({culprit.rstrip('.')})" if culprit else "")
             ) from None
-        raise TicketFormatError(f"{path}: not a readable PyTorch file ({detail.splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, UnicodeDecodeError) as exc:
+        raise TicketFormatError(
+            f"{path}: not a readable PyTorch file ({detail.splitlines()[0]})"
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        AttributeError,
+        UnicodeDecodeError,
+    ) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TicketFormatError(
             f"{path}: not a ticket, safetensors or PyTorch checkpoint ({first})"
@@ -86,13 +96,17 @@ def _tensor_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _unwrap(path: Path, obj: Any, notes: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+def _unwrap(
+    path: Path, obj: Any, notes: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Find the state dict (and rewind weights, if stored) inside a loaded object."""
     direct = _tensor_dict(obj)
     if direct is not None:
         return direct, None
     if not isinstance(obj, Mapping):
-        raise TicketFormatError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
+        raise TicketFormatError(
+            f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint"
+        )
     found = {k: _tensor_dict(obj[k]) for k in WRAPPER_KEYS if k in obj}
     found = {k: v for k, v in found.items() if v is not None}
     if not found:
@@ -107,20 +121,27 @@ def _unwrap(path: Path, obj: Any, notes: list[str]) -> tuple[dict[str, torch.Ten
     main_key = next(k for k in WRAPPER_KEYS if k in found)
     rewind = found.get("init_weight") if main_key != "init_weight" else None
     others = sorted(str(k) for k in obj if k not in found)
-    notes.append(f"state dict taken from '{main_key}'" + (f"; rewind weights from 'init_weight'" if rewind else ""))
+    notes.append(
+        f"state dict taken from '{main_key}'"
+        + ("; rewind weights from 'init_weight'" if rewind else "")
+    )
     if others:
         notes.append(f"ignored checkpoint entries: {', '.join(others[:6])}")
     return found[main_key], rewind
 
 
-def _strip_module_prefix(state: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+def _strip_module_prefix(
+    state: dict[str, torch.Tensor], notes: list[str]
+) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         notes.append("removed the DataParallel 'module.' prefix")
         return {k.removeprefix("module."): v for k, v in state.items()}
     return state
 
 
-def merge_prune_state(path: Path, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Mask | None]:
+def merge_prune_state(
+    path: Path, state: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], Mask | None]:
     """Turn `torch.nn.utils.prune` pairs (`X_orig`, `X_mask`) into masked `X` plus a Mask."""
     merged: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
@@ -160,8 +181,14 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
         if is_ticket_metadata(metadata):
             ticket = ticket_from_safetensors(path, tensors, metadata)
             return LoadedCheckpoint(
-                path, "ticket", dict(ticket.trained), ticket.mask, ticket.rewind or None,
-                dict(ticket.metadata), notes, ticket,
+                path,
+                "ticket",
+                dict(ticket.trained),
+                ticket.mask,
+                ticket.rewind or None,
+                dict(ticket.metadata),
+                notes,
+                ticket,
             )
         state, rewind, fmt = tensors, None, "safetensors"
     else:
@@ -188,8 +215,10 @@ def fit_to_model(loaded: LoadedCheckpoint, model: nn.Module) -> dict[str, torch.
         )
     extra = sorted(k for k in loaded.state if k not in expected)
     if extra:
-        loaded.notes.append(f"ignored tensors that are not part of the model: {', '.join(extra[:6])}"
-                            + (f" (+{len(extra) - 6} more)" if len(extra) > 6 else ""))
+        loaded.notes.append(
+            f"ignored tensors that are not part of the model: {', '.join(extra[:6])}"
+            + (f" (+{len(extra) - 6} more)" if len(extra) > 6 else "")
+        )
     for k, v in expected.items():
         if tuple(loaded.state[k].shape) != tuple(v.shape):
             raise ArchitectureError(
@@ -199,13 +228,22 @@ def fit_to_model(loaded: LoadedCheckpoint, model: nn.Module) -> dict[str, torch.
     return {k: loaded.state[k] for k in expected}
 
 
-def infer_num_classes(arch: str, state: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any] | None = None,
-                      *, allow_import: bool = False) -> int:
+def infer_num_classes(
+    arch: str,
+    state: Mapping[str, torch.Tensor],
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    allow_import: bool = False,
+) -> int:
     """Read the number of classes off the classifier weight a state dict holds for `arch`."""
     from ticketguard.tickets.models import build_model, prunable_parameters
 
     probe = build_model(arch, 10, dict(kwargs or {}), allow_import=allow_import)
-    linears = [n for n in prunable_parameters(probe) if isinstance(probe.get_submodule(n.rsplit(".", 1)[0]), nn.Linear)]
+    linears = [
+        n
+        for n in prunable_parameters(probe)
+        if isinstance(probe.get_submodule(n.rsplit(".", 1)[0]), nn.Linear)
+    ]
     if not linears or linears[-1] not in state:
         raise ArchitectureError(f"cannot find the classifier of {arch!r} in the state dict")
     return int(state[linears[-1]].shape[0])
@@ -227,8 +265,10 @@ def load_model(
     if arch is None:
         raise ArchitectureError(f"{loaded.path}: the file records no architecture; pass --arch")
     kwargs = dict(arch_kwargs) if arch_kwargs is not None else dict(meta_arch.get("kwargs") or {})
-    n_cls = num_classes or loaded.metadata.get("num_classes") or infer_num_classes(
-        arch, loaded.state, kwargs, allow_import=allow_import
+    n_cls = (
+        num_classes
+        or loaded.metadata.get("num_classes")
+        or infer_num_classes(arch, loaded.state, kwargs, allow_import=allow_import)
     )
     model = build_model(arch, n_cls, kwargs, allow_import=allow_import)
     load_state(model, fit_to_model(loaded, model))

@@ -47,7 +47,12 @@ def _as_bool(name: str, value: torch.Tensor) -> torch.Tensor:
         raise MaskError(f"mask for {name!r} is a {type(value).__name__}, not a tensor")
     if value.dtype == torch.bool:
         return value
-    if value.is_floating_point() or value.dtype in (torch.uint8, torch.int8, torch.int32, torch.int64):
+    if value.is_floating_point() or value.dtype in (
+        torch.uint8,
+        torch.int8,
+        torch.int32,
+        torch.int64,
+    ):
         if not bool(((value == 0) | (value == 1)).all()):
             raise MaskError(f"mask for {name!r} has values other than 0 and 1")
         return value != 0

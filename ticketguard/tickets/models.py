@@ -136,7 +136,26 @@ def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet([2, 2, 2, 2], [64, 128, 256, 512], "B", num_classes, in_channels)
 
 
-VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_LAYOUT = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
 
 
 class VGG(nn.Module):
@@ -290,7 +309,9 @@ def prunable_parameters(model: nn.Module) -> list[str]:
 def default_pruned_parameters(model: nn.Module) -> list[str]:
     """Return every conv and linear weight except the first conv and the final classifier."""
     convs = [
-        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        f"{n}.weight"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
     ]
     linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     excluded = set(convs[:1]) | set(linears[-1:])

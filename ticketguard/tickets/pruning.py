@@ -24,7 +24,9 @@ class PruneConfig:
         if not 0.0 <= self.rate < 1.0:
             raise ConfigError(f"pruning rate must be in [0, 1), got {self.rate}")
         if self.scope not in SCOPES:
-            raise ConfigError(f"pruning scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+            raise ConfigError(
+                f"pruning scope must be one of {', '.join(SCOPES)}, got {self.scope!r}"
+            )
 
 
 def _keep_largest(values: torch.Tensor, n_prune: int) -> torch.Tensor:
@@ -51,9 +53,17 @@ def prune_magnitude(
     if config.scope == "global":
         flat = torch.cat([v.cpu() for v in survivors.values()]) if survivors else torch.empty(0)
         keep_flat = _keep_largest(flat, round(config.rate * flat.numel()))
-        keeps = dict(zip(survivors, torch.split(keep_flat, [v.numel() for v in survivors.values()]), strict=True))
+        keeps = dict(
+            zip(
+                survivors,
+                torch.split(keep_flat, [v.numel() for v in survivors.values()]),
+                strict=True,
+            )
+        )
     else:
-        keeps = {n: _keep_largest(v.cpu(), round(config.rate * v.numel())) for n, v in survivors.items()}
+        keeps = {
+            n: _keep_largest(v.cpu(), round(config.rate * v.numel())) for n, v in survivors.items()
+        }
     new: dict[str, torch.Tensor] = {}
     for name, m in mask.items():
         updated = m.clone()

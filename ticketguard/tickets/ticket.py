@@ -43,7 +43,9 @@ class Ticket:
             self.mask.check_shapes(self.rewind)
             missing = sorted(set(self.trained) - set(self.rewind))
             if missing:
-                raise TicketFormatError(f"rewind weights lack {missing[0]!r} (and {len(missing) - 1} more)")
+                raise TicketFormatError(
+                    f"rewind weights lack {missing[0]!r} (and {len(missing) - 1} more)"
+                )
 
     @property
     def fingerprint(self) -> str:
@@ -106,7 +108,9 @@ class Ticket:
             for name, t in state.items():
                 tensors[f"{section}::{name}"] = t.detach().cpu().contiguous().clone()
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={METADATA_KEY: canonical_json(self.full_metadata())})
+            save_file(
+                tensors, str(tmp), metadata={METADATA_KEY: canonical_json(self.full_metadata())}
+            )
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -41,9 +41,13 @@ class TrainConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ConfigError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise ConfigError(
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
         if any(not 0 < m < 1 for m in self.milestones):
@@ -128,7 +132,9 @@ def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[
     return list(torch.split(perm[: (n // batch_size) * batch_size], batch_size))
 
 
-def _batches(dataset: Dataset, indices: list[torch.Tensor], workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    dataset: Dataset, indices: list[torch.Tensor], workers: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(dataset, TensorDataset):
         x_all, y_all = dataset.tensors[0], dataset.tensors[1]
         for idx in indices:
@@ -182,10 +188,15 @@ def train(
     optimizer: torch.optim.Optimizer
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
         )
     else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -223,7 +234,9 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512) -> float:
+def evaluate(
+    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512
+) -> float:
     """Return top-1 accuracy of `model` on `dataset` (in [0, 1])."""
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:

@@ -1,0 +1,170 @@
+"""Iterative magnitude pruning with rewinding on the digits task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ticketguard.errors import ConfigError, RunStateError
+from ticketguard.tickets import paths
+from ticketguard.tickets.finding import FindConfig, find_ticket, parse_rewind
+from ticketguard.tickets.models import build_model
+from ticketguard.tickets.pruning import PruneConfig
+from ticketguard.tickets.ticket import load_ticket
+from ticketguard.tickets.training import TrainConfig, derive_seed
+
+SMALL = FindConfig(rounds=2, train=TrainConfig(epochs=2), arch_kwargs={"width": 8})
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "digits"
+    return find_ticket(SMALL, out, device="cpu")
+
+
+def test_run_writes_every_round_the_final_ticket_and_the_log(small_run) -> None:
+    out = small_run.run_dir
+    for r in range(3):
+        assert paths.round_ticket(out, r).is_file()
+    assert paths.final_ticket(out).read_bytes() == paths.round_ticket(out, 2).read_bytes()
+    log = json.loads(paths.log_file(out).read_text())
+    assert [rec["round"] for rec in log["rounds"]] == [0, 1, 2]
+    assert log["config_hash"] == SMALL.config_hash
+    config = json.loads(paths.config_file(out).read_text())
+    assert config["pruned_layers"] == ["conv2.weight", "conv3.weight", "fc1.weight"]
+
+
+def test_each_round_prunes_a_fifth_of_the_survivors_and_masks_only_shrink(small_run) -> None:
+    tickets = [load_ticket(paths.round_ticket(small_run.run_dir, r)) for r in range(3)]
+    total = tickets[0].mask.num_weights
+    assert tickets[0].mask.num_surviving == total
+    for prev, cur in zip(tickets, tickets[1:], strict=False):
+        assert cur.mask.is_subset_of(prev.mask)
+        assert prev.mask.num_surviving - cur.mask.num_surviving == round(
+            0.2 * prev.mask.num_surviving
+        )
+    assert tickets[2].mask.density == pytest.approx(0.64, abs=1e-4)
+
+
+def test_excluded_layers_stay_dense_and_masked_weights_are_zero(small_run) -> None:
+    ticket = small_run.ticket
+    assert set(ticket.mask) == {"conv2.weight", "conv3.weight", "fc1.weight"}
+    for name in ("conv1.weight", "fc.weight"):
+        assert int((ticket.trained[name] == 0).sum()) == 0
+    for name, m in ticket.mask.items():
+        assert bool((ticket.trained[name][~m] == 0).all())
+        assert int((ticket.trained[name][m] == 0).sum()) == 0
+
+
+def test_rewind_point_zero_is_the_initialisation(small_run) -> None:
+    torch.manual_seed(derive_seed(SMALL.seed, "init"))
+    init = build_model("digits_cnn", 10, {"width": 8}).state_dict()
+    rewind = small_run.ticket.rewind
+    assert all(torch.equal(rewind[k], init[k]) for k in init)
+    # Every round rewinds to the same point.
+    first = load_ticket(paths.round_ticket(small_run.run_dir, 1))
+    assert all(torch.equal(first.rewind[k], rewind[k]) for k in rewind)
+
+
+def test_metadata_records_what_a_user_needs(small_run) -> None:
+    meta = small_run.ticket.metadata
+    assert meta["architecture"] == {"name": "digits_cnn", "kwargs": {"width": 8}}
+    assert meta["num_classes"] == 10 and meta["input_shape"] == [1, 8, 8]
+    assert meta["dataset"] == {"name": "digits", "split_seed": 0}
+    assert meta["finding"]["config_hash"] == SMALL.config_hash and meta["finding"]["round"] == 2
+    assert 0.5 < meta["accuracy"]["test"] <= 1.0 and 0.5 < meta["accuracy"]["dense_test"] <= 1.0
+    stored = load_ticket(paths.final_ticket(small_run.run_dir)).metadata
+    assert stored["fingerprint"] == small_run.ticket.fingerprint
+    assert stored["sparsity"]["sparsity"] == pytest.approx(0.36, abs=1e-4)
+    model = small_run.ticket.build_model()
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_same_seed_gives_a_byte_identical_ticket(tmp_path, monkeypatch, small_run) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    config = FindConfig(rounds=1, train=TrainConfig(epochs=1), arch_kwargs={"width": 8})
+    a = find_ticket(config, tmp_path / "a", device="cpu")
+    b = find_ticket(config, tmp_path / "b", device="cpu")
+    assert paths.final_ticket(a.run_dir).read_bytes() == paths.final_ticket(b.run_dir).read_bytes()
+    assert a.ticket.metadata["created"] == "2023-11-14T22:13:20Z"
+    other = find_ticket(
+        FindConfig(rounds=1, train=TrainConfig(epochs=1), arch_kwargs={"width": 8}, seed=1),
+        tmp_path / "c",
+        device="cpu",
+    )
+    assert other.ticket.fingerprint != a.ticket.fingerprint
+
+
+def test_resume_continues_an_interrupted_run_to_the_same_ticket(
+    tmp_path, monkeypatch, small_run
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    config = FindConfig(rounds=2, train=TrainConfig(epochs=1), arch_kwargs={"width": 8})
+    full = find_ticket(config, tmp_path / "full", device="cpu")
+    out = tmp_path / "cut"
+    find_ticket(config, out, device="cpu")
+    paths.round_ticket(out, 2).unlink()  # as if the run died during round 2
+    paths.final_ticket(out).unlink()
+    with pytest.raises(RunStateError, match="--resume"):
+        find_ticket(config, out, device="cpu")
+    resumed = find_ticket(config, out, device="cpu", resume=True)
+    assert paths.final_ticket(out).read_bytes() == paths.final_ticket(full.run_dir).read_bytes()
+    assert [r["round"] for r in resumed.rounds] == [0, 1, 2]
+    with pytest.raises(RunStateError, match="different configuration"):
+        find_ticket(
+            FindConfig(rounds=3, train=TrainConfig(epochs=1), arch_kwargs={"width": 8}),
+            out,
+            device="cpu",
+            resume=True,
+        )
+
+
+def test_a_rewind_point_in_epochs_is_not_the_initialisation(tmp_path) -> None:
+    config = FindConfig(
+        rounds=1,
+        rewind="1ep",
+        train=TrainConfig(epochs=2),
+        arch_kwargs={"width": 8},
+        prune=PruneConfig(0.5, "layerwise"),
+    )
+    result = find_ticket(config, tmp_path / "r", device="cpu")
+    torch.manual_seed(derive_seed(config.seed, "init"))
+    init = build_model("digits_cnn", 10, {"width": 8}).state_dict()
+    assert not torch.equal(result.ticket.rewind["conv2.weight"], init["conv2.weight"])
+    for stat in result.ticket.mask.layer_stats():
+        assert abs(stat.surviving - stat.total / 2) <= 1
+
+
+def test_rewind_parsing_and_bad_values() -> None:
+    assert parse_rewind("0") == (0, "it")
+    assert parse_rewind("3ep") == (3, "ep")
+    assert parse_rewind("500it") == (500, "it")
+    with pytest.raises(ConfigError):
+        parse_rewind("abc")
+    with pytest.raises(ConfigError, match="not before the end"):
+        FindConfig(rewind="50ep", train=TrainConfig(epochs=2)).rewind_iteration(10)
+
+
+def test_config_round_trips_through_its_dict() -> None:
+    config = FindConfig(
+        rounds=3,
+        layers=("conv2",),
+        prune=PruneConfig(0.3, "layerwise"),
+        train=TrainConfig(milestones=(0.3,)),
+    )
+    assert FindConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.config_hash != FindConfig().config_hash
+
+
+@pytest.mark.slow
+def test_acceptance_digits_ticket_at_89_percent_sparsity_keeps_accuracy(tmp_path) -> None:
+    result = find_ticket(FindConfig(rounds=10), tmp_path / "accept", device="cpu")
+    acc = result.ticket.metadata["accuracy"]
+    print(
+        f"dense {acc['dense_test']:.4f} ticket {acc['test']:.4f} sparsity {result.ticket.mask.sparsity:.4f}"
+    )
+    assert acc["dense_test"] >= 0.95
+    assert result.ticket.mask.sparsity >= 0.89
+    assert acc["test"] >= acc["dense_test"] - 0.02
