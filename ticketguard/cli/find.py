@@ -92,20 +92,22 @@ class RichReporter:
 
         self.quiet = quiet
         self.console = Console()
+        bar_console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=bar_console,
             transient=True,
-            disable=quiet,
+            disable=quiet or not bar_console.is_terminal,
         )
         self.task = None
         self.records: list[Mapping[str, Any]] = []
 
     def round_started(self, round_index: int, iterations: int) -> None:
-        self.progress.start()
+        if not self.progress.disable:
+            self.progress.start()
         label = "dense" if round_index == 0 else f"round {round_index}"
         self.task = self.progress.add_task(f"training {label}", total=iterations)
 
@@ -117,7 +119,8 @@ class RichReporter:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
-        self.progress.stop()
+        if not self.progress.disable:
+            self.progress.stop()
         self.records.append(record)
         if not self.quiet:
             self.console.print(

@@ -9,7 +9,7 @@ dict wrapping one under `state_dict`, `model` or `init_weight`. PyTorch files ar
 from __future__ import annotations
 
 import pickle
-import zipfile
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from ticketguard.tickets.ticket import (
 
 WRAPPER_KEYS = ("state_dict", "model", "init_weight")
 PRUNE_ORIG, PRUNE_MASK = "_orig", "_mask"
+_GLOBAL = re.compile(r"GLOBAL\s+(\S+)")
 
 
 @dataclass
@@ -64,24 +65,17 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = str(exc)
-        if "weights_only" in detail or "Unsupported global" in detail or "GLOBAL" in detail:
-            culprit = next((line.strip() for line in detail.splitlines() if "GLOBAL" in line), "")
+        culprit = _GLOBAL.search(detail)
+        if culprit:
             raise UnsafeFileError(
-                f"{path}: refused: loading it would execute code from the file"
-                + (f" ({culprit.rstrip('.')})" if culprit else "")
+                f"{path}: refused: loading it would execute code from the file "
+                f"(it calls {culprit.group(1).rstrip('.')})"
             ) from None
+        reason = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "unreadable pickle")
         raise TicketFormatError(
-            f"{path}: not a readable PyTorch file ({detail.splitlines()[0]})"
+            f"{path}: not a ticket, safetensors or PyTorch checkpoint ({reason})"
         ) from None
-    except (
-        RuntimeError,
-        EOFError,
-        zipfile.BadZipFile,
-        ValueError,
-        OSError,
-        AttributeError,
-        UnicodeDecodeError,
-    ) as exc:
+    except Exception as exc:  # torch's legacy unpickler raises many types on arbitrary bytes
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TicketFormatError(
             f"{path}: not a ticket, safetensors or PyTorch checkpoint ({first})"
@@ -190,6 +184,8 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
                 notes,
                 ticket,
             )
+        if not tensors:
+            raise TicketFormatError(f"{path}: holds no tensors")
         state, rewind, fmt = tensors, None, "safetensors"
     else:
         state, rewind = _unwrap(path, _torch_load(path), notes)
@@ -261,10 +257,15 @@ def load_model(
     from ticketguard.tickets.models import build_model
 
     meta_arch = loaded.metadata.get("architecture") or {}
-    arch = arch or meta_arch.get("name")
+    recorded = meta_arch.get("name")
+    arch = arch or recorded
     if arch is None:
         raise ArchitectureError(f"{loaded.path}: the file records no architecture; pass --arch")
-    kwargs = dict(arch_kwargs) if arch_kwargs is not None else dict(meta_arch.get("kwargs") or {})
+    if arch_kwargs is not None:
+        kwargs = dict(arch_kwargs)
+    else:
+        # The recorded keywords belong to the recorded architecture only.
+        kwargs = dict(meta_arch.get("kwargs") or {}) if arch == recorded else {}
     n_cls = (
         num_classes
         or loaded.metadata.get("num_classes")

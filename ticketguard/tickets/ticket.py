@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ticketguard.errors import ArchitectureError, TicketFormatError
+from ticketguard.errors import ArchitectureError, MaskError, TicketFormatError
 from ticketguard.files import atomic_path, canonical_json
 from ticketguard.tickets.mask import Mask
 
@@ -133,7 +133,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise TicketFormatError(f"cannot read {path} as safetensors: {exc}") from None
+        raise TicketFormatError(f"{path}: cannot be read as safetensors ({exc})") from None
     return tensors, metadata
 
 
@@ -158,7 +158,10 @@ def ticket_from_safetensors(
         if not sep or section not in parts:
             raise TicketFormatError(f"{path}: unexpected tensor {key!r} in a ticket file")
         parts[section][name] = tensor
-    ticket = Ticket(Mask(parts["mask"]), parts["trained"], parts["rewind"], meta)
+    try:
+        ticket = Ticket(Mask(parts["mask"]), parts["trained"], parts["rewind"], meta)
+    except MaskError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
     if meta.get("fingerprint") != ticket.fingerprint:
         raise TicketFormatError(
             f"{path}: the mask's fingerprint does not match the one recorded (file altered?)"

@@ -1,0 +1,50 @@
+"""Shared fixtures: small, deterministic DigitsCNN tickets built in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+
+from ticketguard.tickets.mask import Mask
+from ticketguard.tickets.models import DigitsCNN
+from ticketguard.tickets.ticket import Ticket
+
+#: Layers the ticket fixtures prune (the registry's default choice for digits_cnn).
+TICKET_LAYERS = ("conv2.weight", "conv3.weight", "fc1.weight")
+
+
+def _build_ticket(
+    *, seed: int = 0, width: int = 4, layers: Sequence[str] = TICKET_LAYERS, keep: float = 0.5
+) -> Ticket:
+    """A DigitsCNN ticket: exactly `round(keep * numel)` entries survive in each named layer."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        rewind_model = DigitsCNN(width=width)
+    rewind = {k: v.detach().clone() for k, v in rewind_model.state_dict().items()}
+    trained = {
+        k: (v * 1.5 + 0.01 * torch.randn(v.shape, generator=gen))
+        if v.is_floating_point()
+        else v.clone()
+        for k, v in rewind.items()
+    }
+    masks = {}
+    for name in layers:
+        numel = trained[name].numel()
+        flat = torch.zeros(numel, dtype=torch.bool)
+        flat[torch.randperm(numel, generator=gen)[: round(keep * numel)]] = True
+        masks[name] = flat.view(trained[name].shape)
+        trained[name] = trained[name] * masks[name]
+    metadata = {
+        "architecture": {"name": "digits_cnn", "kwargs": {"width": width}},
+        "num_classes": 10,
+    }
+    return Ticket(Mask(masks), trained, rewind, metadata)
+
+
+@pytest.fixture
+def make_ticket() -> Callable[..., Ticket]:
+    """Return a builder of small DigitsCNN tickets (keywords: seed, width, layers, keep)."""
+    return _build_ticket
