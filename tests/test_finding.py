@@ -168,3 +168,27 @@ def test_acceptance_digits_ticket_at_89_percent_sparsity_keeps_accuracy(tmp_path
     assert acc["dense_test"] >= 0.95
     assert result.ticket.mask.sparsity >= 0.89
     assert acc["test"] >= acc["dense_test"] - 0.02
+
+
+def test_find_on_an_image_folder_with_resnet20(tmp_path) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(20):
+            pixels = (torch.rand(40, 36, 3, generator=g) * 255).to(torch.uint8).numpy()
+            if cls == "dog":
+                pixels[:, :18] = 255  # a learnable difference between the classes
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
+    config = FindConfig(
+        arch="resnet20",
+        dataset=f"imagefolder:{tmp_path / 'imgs'}",
+        rounds=1,
+        train=TrainConfig(epochs=1, batch_size=8),
+    )
+    result = find_ticket(config, tmp_path / "run", device="cpu")
+    assert result.ticket.metadata["input_shape"] == [3, 32, 32]
+    assert result.ticket.num_classes == 2
+    assert result.ticket.mask.num_weights == 267_264
+    assert result.ticket.mask.num_surviving == 267_264 - round(0.2 * 267_264)

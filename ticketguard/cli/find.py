@@ -239,7 +239,7 @@ def _init_distributed(device: str) -> bool:
 @click.option(
     "--resume",
     is_flag=True,
-    help="Continue an interrupted run in --out with its recorded configuration.",
+    help="Continue the run in --out with its recorded configuration (starts one if --out holds none).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-round lines.")
 @click.pass_context
