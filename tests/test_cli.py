@@ -332,12 +332,24 @@ def test_resume_of_an_interrupted_run_reproduces_it(run_copy):
 
 def test_resume_with_a_changed_configuration_is_refused(run_copy):
     before = _file_state(run_copy)
-    result = invoke(["find", "--out", run_copy, "--resume", "--rounds", "2", "--quiet"])
+    result = invoke(["find", "--out", run_copy, "--resume", "--lr", "0.2", "--quiet"])
     line = error_line(result, 1)
     assert "configuration" in line
     assert result.output.strip().splitlines() == [line]
-    assert not (run_copy / "rounds/round-02.ticket").exists()
     assert _file_state(run_copy) == before
+
+
+def test_resume_with_more_rounds_extends_the_run(run_copy):
+    round_1 = (run_copy / "rounds/round-01.ticket").read_bytes()
+    result = invoke(["find", "--out", run_copy, "--resume", "--rounds", "2", *CPU, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (run_copy / "rounds/round-01.ticket").read_bytes() == round_1
+    final = load_ticket(run_copy / "final.ticket")
+    assert final.fingerprint == load_ticket(run_copy / "rounds/round-02.ticket").fingerprint
+    assert final.mask.is_subset_of(load_ticket(run_copy / "rounds/round-01.ticket").mask)
+    assert final.mask.sparsity == pytest.approx(0.36, abs=1e-3)
+    log = json.loads((run_copy / "log.json").read_text())
+    assert [r["round"] for r in log["rounds"]] == [0, 1, 2]
 
 
 def test_find_into_an_existing_run_needs_resume(run_copy):
@@ -385,3 +397,105 @@ def test_inspect_without_architecture_says_so(tmp_path):
     assert "unknown (pass --arch)" in result.output
     assert "architecture unknown" in result.output
     assert click.unstyle(result.output) == result.output  # no colour codes when not a terminal
+
+
+# --- review follow-ups: misfits, divergence, option checks, output --------------------------------
+
+
+def test_a_model_that_cannot_take_the_data_fails_before_writing_anything(tmp_path):
+    out = tmp_path / "tv"
+    # torchvision's ResNet-18 wants 3 input channels; digits has 1.
+    line = error_line(invoke(["find", "--out", out, "--arch", "resnet18", *FAST_FIND[:4], *CPU]), 1)
+    assert "resnet18" in line and "(1, 8, 8)" in line
+    assert not (out / "config.json").exists()
+    result = invoke(["find", "--out", out, *FAST_FIND, *CPU])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_diverging_run_says_so(tmp_path):
+    line = error_line(
+        invoke(["find", "--out", tmp_path / "d", "--lr", "1e12", *FAST_FIND, *CPU]), 1
+    )
+    assert "diverged" in line
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--momentum", "-1"),
+        ("--weight-decay", "-1"),
+        ("--gamma", "-1"),
+        ("--workers", "-1"),
+        ("--lr", "inf"),
+        ("--dataset", "nosuchdata"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(tmp_path, option, value):
+    out = tmp_path / "bad"
+    line = error_line(invoke(["find", "--out", out, option, value, *FAST_FIND, *CPU]), 2)
+    assert value.lstrip("-") in line or option.lstrip("-").replace("-", " ") in line
+    assert not out.exists()
+
+
+def test_a_broken_factory_argument_is_one_line(tmp_path):
+    line = error_line(
+        invoke(["find", "--out", tmp_path / "w", *FAST_FIND[:4], "--arch-arg", "width=0", *CPU]), 1
+    )
+    assert "'digits_cnn'" in line
+
+
+def test_find_prints_a_per_round_table_and_prunes_only_the_chosen_layers(tmp_path):
+    out = tmp_path / "layers"
+    result = invoke(
+        [
+            "find",
+            "--out",
+            out,
+            "--rounds",
+            "1",
+            "--epochs",
+            "1",
+            "--arch-arg",
+            "width=4",
+            "--layers",
+            "conv2",
+            "--layers",
+            "fc1.*",
+            *CPU,
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert "ticket per round" in result.output
+    assert "round  0: sparsity   0.00%" in result.output
+    assert "round  1: sparsity  20.00%" in result.output
+    ticket = load_ticket(out / "final.ticket")
+    assert list(ticket.mask) == ["conv2.weight", "fc1.weight"]
+    assert int((ticket.trained["conv3.weight"] == 0).sum()) == 0
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path, finished_run):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (finished_run / "final.ticket", finished_run / "log.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_inspect_does_not_import_an_architecture_named_by_the_file(
+    tmp_path, make_ticket, monkeypatch
+):
+    ticket = make_ticket()
+    ticket.metadata["architecture"] = {"name": "evil_module_tg:factory", "kwargs": {}}
+    path = tmp_path / "t.ticket"
+    ticket.save(path)
+    (tmp_path / "evil_module_tg.py").write_text(
+        f"open({str(tmp_path / 'imported')!r}, 'w').close()\ndef factory(num_classes=10): ...\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = invoke(["inspect", path, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["fingerprint"] == ticket.fingerprint
+    assert any("not imported" in note for note in report["notes"])
+    assert not (tmp_path / "imported").exists()

@@ -27,6 +27,8 @@ ARGS = [
 ]
 
 # Records, per rank, every file this process opens for writing, through Python's audit hooks.
+# Every output goes through ticketguard.files.atomic_path (mkstemp + os.replace), which these
+# hooks see even when the bytes are then written by native code (safetensors).
 AUDIT = textwrap.dedent(
     """
     import os, sys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_metadata_records_what_a_user_needs(small_run) -> None:
     assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 
 
-def test_same_seed_gives_a_byte_identical_ticket(tmp_path, monkeypatch, small_run) -> None:
+def test_same_seed_gives_a_byte_identical_ticket(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     config = FindConfig(rounds=1, train=TrainConfig(epochs=1), arch_kwargs={"width": 8})
     a = find_ticket(config, tmp_path / "a", device="cpu")
@@ -97,14 +98,12 @@ def test_same_seed_gives_a_byte_identical_ticket(tmp_path, monkeypatch, small_ru
     assert other.ticket.fingerprint != a.ticket.fingerprint
 
 
-def test_resume_continues_an_interrupted_run_to_the_same_ticket(
-    tmp_path, monkeypatch, small_run
-) -> None:
+def test_resume_continues_an_interrupted_run_to_the_same_ticket(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     config = FindConfig(rounds=2, train=TrainConfig(epochs=1), arch_kwargs={"width": 8})
     full = find_ticket(config, tmp_path / "full", device="cpu")
     out = tmp_path / "cut"
-    find_ticket(config, out, device="cpu")
+    shutil.copytree(full.run_dir, out)
     paths.round_ticket(out, 2).unlink()  # as if the run died during round 2
     paths.final_ticket(out).unlink()
     with pytest.raises(RunStateError, match="--resume"):
@@ -114,11 +113,22 @@ def test_resume_continues_an_interrupted_run_to_the_same_ticket(
     assert [r["round"] for r in resumed.rounds] == [0, 1, 2]
     with pytest.raises(RunStateError, match="different configuration"):
         find_ticket(
-            FindConfig(rounds=3, train=TrainConfig(epochs=1), arch_kwargs={"width": 8}),
+            FindConfig(rounds=2, train=TrainConfig(epochs=1), arch_kwargs={"width": 8}, seed=1),
             out,
             device="cpu",
             resume=True,
         )
+
+
+def test_more_rounds_extend_a_finished_run(tmp_path, small_run) -> None:
+    out = tmp_path / "more"
+    shutil.copytree(small_run.run_dir, out)
+    longer = FindConfig(rounds=3, train=SMALL.train, arch_kwargs={"width": 8})
+    result = find_ticket(longer, out, device="cpu", resume=True)
+    assert [r["round"] for r in result.rounds] == [0, 1, 2, 3]
+    assert result.ticket.mask.is_subset_of(load_ticket(paths.round_ticket(out, 2)).mask)
+    assert result.ticket.mask.density == pytest.approx(0.8**3, abs=1e-4)
+    assert json.loads(paths.config_file(out).read_text())["config"]["rounds"] == 3
 
 
 def test_a_rewind_point_in_epochs_is_not_the_initialisation(tmp_path) -> None:
@@ -170,20 +180,26 @@ def test_acceptance_digits_ticket_at_89_percent_sparsity_keeps_accuracy(tmp_path
     assert acc["test"] >= acc["dense_test"] - 0.02
 
 
-def test_find_on_an_image_folder_with_resnet20(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
     from PIL import Image
 
+    root = tmp_path_factory.mktemp("imgs")
     g = torch.Generator().manual_seed(0)
     for cls in ("cat", "dog"):
-        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        (root / cls).mkdir()
         for i in range(20):
             pixels = (torch.rand(40, 36, 3, generator=g) * 255).to(torch.uint8).numpy()
             if cls == "dog":
                 pixels[:, :18] = 255  # a learnable difference between the classes
-            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_find_on_an_image_folder_with_resnet20(tmp_path, image_folder) -> None:
     config = FindConfig(
         arch="resnet20",
-        dataset=f"imagefolder:{tmp_path / 'imgs'}",
+        dataset=f"imagefolder:{image_folder}",
         rounds=1,
         train=TrainConfig(epochs=1, batch_size=8),
     )
@@ -192,3 +208,23 @@ def test_find_on_an_image_folder_with_resnet20(tmp_path) -> None:
     assert result.ticket.num_classes == 2
     assert result.ticket.mask.num_weights == 267_264
     assert result.ticket.mask.num_surviving == 267_264 - round(0.2 * 267_264)
+
+
+def test_find_with_a_torchvision_model_adam_and_a_step_schedule(tmp_path, image_folder) -> None:
+    config = FindConfig(
+        arch="torchvision:resnet18",
+        dataset=f"imagefolder:{image_folder}",
+        image_size=24,
+        rounds=1,
+        prune=PruneConfig(0.5, "layerwise"),
+        train=TrainConfig(epochs=2, batch_size=8, optimizer="adam", lr=1e-3, schedule="step"),
+    )
+    result = find_ticket(config, tmp_path / "tv", device="cpu")
+    ticket = result.ticket
+    assert ticket.metadata["input_shape"] == [3, 24, 24]
+    assert "conv1.weight" not in ticket.mask and "fc.weight" not in ticket.mask
+    assert "layer4.1.conv2.weight" in ticket.mask
+    for stat in ticket.mask.layer_stats():
+        assert abs(stat.surviving - stat.total / 2) <= 1
+    rebuilt = ticket.build_model()
+    assert rebuilt(torch.zeros(1, 3, 24, 24)).shape == (1, 2)

@@ -7,6 +7,7 @@ Every file is built here, in the format the tool meets in the wild, and read bac
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import pickle
 import random
@@ -492,8 +493,9 @@ def test_malicious_pickle_default_protocol_is_not_run(tmp_path):
     path = tmp_path / "evil.pkl"
     with open(path, "wb") as f:
         pickle.dump({"w": torch.ones(2), "hook": _Touch(marker)}, f)
-    with pytest.raises(TicketFormatError):
+    with pytest.raises(UnsafeFileError, match="refused") as info:
         load_checkpoint(path)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
     assert not marker.exists()
 
 
@@ -625,3 +627,72 @@ def test_prune_mask_fingerprints_like_the_mask_itself(tmp_path):
     loaded = load_checkpoint(path)
     direct = Mask({n: model.get_buffer(n + "_mask") for n in ("conv2.weight", "fc1.weight")})
     assert loaded.mask.fingerprint() == direct.fingerprint()
+
+
+class _Shell:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_protocol_5_pickle_is_refused_in_one_line_without_torch_advice(tmp_path, capfd):
+    path = tmp_path / "evil5.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"w": torch.ones(2)}, "x": _Shell()}, f, protocol=5)
+    with pytest.raises(UnsafeFileError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: refused") and "system" in message
+    assert "\n" not in message and "weights_only" not in message
+    assert "pwned" not in capfd.readouterr().out
+
+
+def test_numpy_scalars_in_a_checkpoint_are_accepted_but_other_objects_are_not(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    path = tmp_path / "ckpt.pth.tar"
+    sd = {"fc.weight": torch.ones(2, 3)}
+    torch.save({"state_dict": sd, "best_acc": np.float64(91.2), "curve": np.zeros(3)}, path)
+    loaded = load_checkpoint(path)
+    assert list(loaded.state) == ["fc.weight"]
+    assert any("best_acc" in note for note in loaded.notes)
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(UnsafeFileError, match="argparse.Namespace"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        (None, ["not", "an", "object"]),
+        ("architecture", "digits_cnn"),
+        ("num_classes", "ten"),
+        ("input_shape", [1, 8]),
+        ("dataset", "digits"),
+        ("accuracy", {"test": "high"}),
+    ],
+)
+def test_ticket_with_malformed_metadata_is_a_format_error(tmp_path, make_ticket, field, value):
+    path = tmp_path / "t.ticket"
+    make_ticket().save(path)
+
+    def corrupt(meta):
+        doc = json.loads(meta["ticketguard"])
+        if field is None:
+            doc = value
+        else:
+            doc[field] = value
+        meta["ticketguard"] = json.dumps(doc)
+
+    _rewrite_safetensors(path, metadata=corrupt)
+    with pytest.raises(TicketFormatError, match="metadata") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+def test_integer_keys_are_not_a_state_dict(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({1: torch.ones(2), 2: torch.ones(3)}, path)
+    with pytest.raises(TicketFormatError, match="no state dict found"):
+        load_checkpoint(path)

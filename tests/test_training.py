@@ -154,3 +154,26 @@ def test_devices_and_seeds() -> None:
         resolve_device("tpu")
     assert derive_seed(0, "a") != derive_seed(1, "a") != derive_seed(0, "b")
     assert derive_seed(0, "a") == derive_seed(0, "a")
+
+
+def test_masking_writes_exact_zeros_even_over_nan_and_inf() -> None:
+    from ticketguard.tickets.training import MaskedParameters
+
+    model = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(
+            torch.tensor([[float("nan"), 1.0, float("inf")], [2.0, float("-inf"), 3.0]])
+        )
+    keep = torch.tensor([[False, True, False], [True, False, True]])
+    MaskedParameters(model, Mask({"weight": keep})).apply()
+    assert torch.equal(model.weight.detach(), torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 3.0]]))
+
+
+def test_training_does_not_disturb_the_callers_random_state() -> None:
+    model, data = _toy()
+    mask = Mask({"weight": torch.ones(2, 3, dtype=torch.bool)})
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(model, mask, data, TrainConfig(epochs=2, batch_size=2), device=CPU, seed=0)
+    assert torch.equal(torch.rand(3), expected)

@@ -11,7 +11,7 @@ __all__ = ["Mask", "Ticket", "__version__", "load_ticket", "find_ticket", "load_
 
 
 def __getattr__(name: str):
-    # Heavy entry points are imported lazily so `import ticketguard` stays quick.
+    # Entry points that pull in data loading and training are imported on first use.
     if name == "find_ticket":
         from ticketguard.tickets.finding import find_ticket
 

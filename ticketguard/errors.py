@@ -41,3 +41,7 @@ class ConfigError(TicketGuardError):
 
 class RunStateError(TicketGuardError):
     """A run directory is in a state that forbids the requested action."""
+
+
+class TrainingDivergedError(TicketGuardError):
+    """Training produced a non-finite loss."""

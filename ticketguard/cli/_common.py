@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ticketguard.errors import ArchitectureError, ConfigError, DatasetError, TicketGuardError
+from ticketguard.errors import ArchitectureError, ConfigError, TicketGuardError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -21,7 +21,7 @@ def library_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ConfigError, DatasetError, ArchitectureError) as exc:
+        except ConfigError as exc:
             # Bad option values: exit code 2, like click's own usage errors.
             error = click.ClickException(str(exc))
             error.exit_code = 2
@@ -30,6 +30,11 @@ def library_errors(func: F) -> F:
             raise click.ClickException(str(exc)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def percent(value: float | None) -> str:
+    """Format a fraction as a percentage with two decimals; '-' when there is none."""
+    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def parse_kwargs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
@@ -61,3 +66,28 @@ data_dir_option = click.option(
 download_option = click.option(
     "--download", is_flag=True, help="Download the dataset into --data-dir if it is missing."
 )
+
+
+def check_arch(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: refuse an architecture name nothing can build (exit code 2)."""
+    from ticketguard.tickets.models import check_architecture
+
+    if value is not None:
+        try:
+            check_architecture(value)
+        except ArchitectureError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
+def check_dataset(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: refuse an unknown dataset name (exit code 2)."""
+    from ticketguard.tickets.data import DATASETS, IMAGEFOLDER_PREFIX
+
+    if value is not None and value not in DATASETS and not value.startswith(IMAGEFOLDER_PREFIX):
+        raise click.BadParameter(
+            f"unknown dataset {value!r} (known: {', '.join(DATASETS)}, or imagefolder:PATH)",
+            ctx=ctx,
+            param=param,
+        )
+    return value

@@ -11,15 +11,17 @@ import click
 from click.core import ParameterSource
 
 from ticketguard.cli._common import (
+    check_arch,
+    check_dataset,
     data_dir_option,
     device_option,
     download_option,
     library_errors,
     parse_kwargs,
+    percent,
 )
 from ticketguard.tickets import paths
 from ticketguard.tickets.finding import FindConfig, find_ticket, load_run_config
-from ticketguard.tickets.models import check_architecture
 from ticketguard.tickets.pruning import SCOPES
 from ticketguard.tickets.training import OPTIMIZERS, SCHEDULES
 
@@ -46,6 +48,7 @@ CONFIG_OPTIONS = {
     "gamma": ("train", "gamma"),
     "amp": ("train", "amp"),
     "workers": ("train", "workers"),
+    "image_size": (None, "image_size"),
 }
 
 
@@ -125,7 +128,7 @@ class RichReporter:
         if not self.quiet:
             self.console.print(
                 f"round {record['round']:>2}: sparsity {100 * record['sparsity']:6.2f}%  "
-                f"val {100 * record['val_accuracy']:6.2f}%  test {100 * record['test_accuracy']:6.2f}%"
+                f"val {percent(record['val_accuracy']):>7}  test {percent(record['test_accuracy']):>7}"
             )
 
     def table(self, records: list[Mapping[str, Any]]) -> None:
@@ -139,8 +142,8 @@ class RichReporter:
                 str(rec["round"]),
                 f"{rec['surviving']:,}",
                 f"{100 * rec['sparsity']:.2f}",
-                f"{100 * rec['val_accuracy']:.2f}",
-                f"{100 * rec['test_accuracy']:.2f}",
+                percent(rec["val_accuracy"]).rstrip("%"),
+                percent(rec["test_accuracy"]).rstrip("%"),
             )
         self.console.print(table)
 
@@ -152,6 +155,9 @@ def _init_distributed(device: str) -> bool:
     import torch.distributed as dist
 
     use_nccl = device != "cpu" and torch.cuda.is_available()
+    if use_nccl:
+        # Each rank must own its GPU before NCCL starts, or every rank lands on GPU 0.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if use_nccl else "gloo")
     return True
 
@@ -168,6 +174,7 @@ def _init_distributed(device: str) -> bool:
     "--arch",
     default="digits_cnn",
     show_default=True,
+    callback=check_arch,
     help="Registry name, torchvision model name, or package.module:factory.",
 )
 @click.option(
@@ -177,10 +184,17 @@ def _init_distributed(device: str) -> bool:
     "--dataset",
     default="digits",
     show_default=True,
+    callback=check_dataset,
     help="digits, cifar10, cifar100, mnist, fashion-mnist or imagefolder:PATH.",
 )
 @data_dir_option
 @download_option
+@click.option(
+    "--image-size",
+    type=int,
+    default=None,
+    help="Side of the square images for imagefolder: data (default 32).",
+)
 @click.option(
     "--rounds", type=int, default=10, show_default=True, help="Pruning rounds after dense training."
 )
@@ -260,7 +274,6 @@ def find(
     Example:
       ticketguard find --out runs/digits --rounds 10 --rewind 1ep
     """
-    check_architecture(options["arch"])
     out_dir = Path(out)
     if resume and paths.config_file(out_dir).exists():
         explicit = {
@@ -296,8 +309,8 @@ def find(
     if is_main:
         acc = result.ticket.metadata["accuracy"]
         click.echo(
-            f"dense test accuracy {100 * acc['dense_test']:.2f}%, ticket test accuracy "
-            f"{100 * acc['test']:.2f}% at {100 * result.ticket.mask.sparsity:.2f}% sparsity"
+            f"dense test accuracy {percent(acc['dense_test'])}, ticket test accuracy "
+            f"{percent(acc['test'])} at {100 * result.ticket.mask.sparsity:.2f}% sparsity"
         )
         click.echo(
             f"wrote {paths.final_ticket(out_dir)} (fingerprint {result.ticket.fingerprint[:16]}...)"

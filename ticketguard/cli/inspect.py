@@ -7,54 +7,69 @@ from typing import Any
 
 import click
 
-from ticketguard.cli._common import data_dir_option, device_option, download_option, library_errors
+from ticketguard.cli._common import (
+    check_arch,
+    check_dataset,
+    data_dir_option,
+    device_option,
+    download_option,
+    library_errors,
+    percent,
+)
 from ticketguard.tickets.inspection import inspect_file
 
 
 def _print_human(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
+    console = Console(highlight=False)
+
+    def line(label: str, text: str) -> None:
+        # Text from the file is printed verbatim, never interpreted as rich markup.
+        console.print(f"{label:<16}{text}", markup=False)
+
     sp = report["sparsity"]
-    arch = report.get("architecture") or "unknown (pass --arch)"
-    console.print(f"[bold]{report['path']}[/bold]  ({report['format']})")
-    console.print(
-        f"architecture    {arch}"
-        + (f", {report['num_classes']} classes" if report.get("num_classes") else "")
+    params = report["parameters"]
+    classes = f", {report['num_classes']} classes" if report.get("num_classes") else ""
+    console.print(f"{report['path']}  ({report['format']})", markup=False, style="bold")
+    line("architecture", f"{report.get('architecture') or 'unknown (pass --arch)'}{classes}")
+    counted = (
+        f"{params['model']:,} model parameters"
+        if params.get("model") is not None
+        else f"{params['values']:,} floating-point values"
     )
-    console.print(
-        f"parameters      {report['parameters']['total']:,} in all, "
-        f"{sp['total']:,} masked, {sp['surviving']:,} surviving"
+    line("parameters", f"{counted}, {sp['total']:,} masked, {sp['surviving']:,} surviving")
+    line(
+        "sparsity",
+        f"{100 * sp['sparsity']:.2f}% global (density {100 * sp['density']:.2f}%), "
+        f"mask from {report['mask_source']}",
     )
-    console.print(
-        f"sparsity        {100 * sp['sparsity']:.2f}% global (density {100 * sp['density']:.2f}%), "
-        f"mask from {report['mask_source']}"
-    )
-    console.print(f"fingerprint     {report['fingerprint']}")
+    line("fingerprint", report["fingerprint"])
     meta = report.get("metadata") or {}
-    for key in ("dataset", "created", "toolkit_version"):
+    if isinstance(meta.get("dataset"), dict):
+        line("dataset", meta["dataset"]["name"])
+    for key in ("created", "toolkit_version"):
         if key in meta:
-            value = (
-                meta[key]["name"] if key == "dataset" and isinstance(meta[key], dict) else meta[key]
-            )
-            console.print(f"{key:<16}{value}")
+            line(key, str(meta[key]))
     acc = meta.get("accuracy") or {}
     if acc:
-        console.print(
-            "recorded acc    " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in sorted(acc.items()))
-        )
+        line("recorded acc", ", ".join(f"{k} {percent(v)}" for k, v in sorted(acc.items())))
     if "evaluation" in report:
         ev = report["evaluation"]
         console.print(
-            f"[bold]test accuracy   {100 * ev['accuracy']:.2f}%[/bold] on {ev['dataset']} ({ev['samples']} samples)"
+            f"{'test accuracy':<16}{percent(ev['accuracy'])} on {ev['dataset']} "
+            f"({ev['samples']} samples)",
+            markup=False,
+            style="bold",
         )
     table = Table(title="per layer")
     for col in ("tensor", "shape", "weights", "surviving", "sparsity %"):
         table.add_column(col, justify="left" if col == "tensor" else "right")
     for layer in sp["layers"]:
         table.add_row(
-            layer["name"],
+            Text(layer["name"]),
             "x".join(map(str, layer["shape"])),
             f"{layer['total']:,}",
             f"{layer['surviving']:,}",
@@ -62,7 +77,7 @@ def _print_human(report: dict[str, Any]) -> None:
         )
     console.print(table)
     for note in report["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
 
 
 @click.command()
@@ -70,6 +85,7 @@ def _print_human(report: dict[str, Any]) -> None:
 @click.option(
     "--arch",
     default=None,
+    callback=check_arch,
     help="Architecture when the file records none (registry, torchvision or package.module:factory).",
 )
 @click.option(
@@ -79,6 +95,7 @@ def _print_human(report: dict[str, Any]) -> None:
     "--eval",
     "eval_dataset",
     default=None,
+    callback=check_dataset,
     metavar="DATASET",
     help="Also measure test accuracy on DATASET.",
 )

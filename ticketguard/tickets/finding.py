@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ticketguard.errors import ConfigError, RunStateError, TicketFormatError
+from ticketguard.errors import ArchitectureError, ConfigError, RunStateError, TicketFormatError
 from ticketguard.files import canonical_json, sha256_hex, write_json_atomic
 from ticketguard.tickets import paths
 from ticketguard.tickets.mask import Mask
@@ -58,6 +59,7 @@ class FindConfig:
     train: TrainConfig = TrainConfig()
     seed: int = 0
     split_seed: int = 0
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -88,6 +90,13 @@ class FindConfig:
     def config_hash(self) -> str:
         """SHA-256 of the canonical JSON of this configuration."""
         return sha256_hex(canonical_json(self.to_dict()))
+
+    @property
+    def run_hash(self) -> str:
+        """SHA-256 of everything but the number of rounds: a run may be resumed with more rounds."""
+        data = self.to_dict()
+        del data["rounds"]
+        return sha256_hex(canonical_json(data))
 
     def rewind_iteration(self, per_epoch: int) -> int:
         amount, unit = parse_rewind(self.rewind)
@@ -155,12 +164,13 @@ def _check_run_dir(run_dir: Path, config: FindConfig, resume: bool) -> None:
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
     try:
-        stored = json.loads(cfg_path.read_text())["config_hash"]
-    except (json.JSONDecodeError, KeyError) as exc:
+        stored = json.loads(cfg_path.read_text())["run_hash"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise RunStateError(f"{cfg_path} is unreadable ({exc}); cannot resume") from None
-    if stored != config.config_hash:
+    if stored != config.run_hash:
         raise RunStateError(
-            f"{run_dir} was started with a different configuration; cannot resume with this one"
+            f"{run_dir} was started with a different configuration; cannot resume with this one "
+            "(only --rounds may change)"
         )
 
 
@@ -173,6 +183,8 @@ def load_run_config(run_dir: str | Path) -> FindConfig:
         raise RunStateError(f"{run_dir} holds no ticketguard run (no config.json)") from None
     except json.JSONDecodeError as exc:
         raise RunStateError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise RunStateError(f"{cfg_path} does not hold a find configuration")
     return FindConfig.from_dict(data["config"])
 
 
@@ -205,16 +217,24 @@ def find_ticket(
         )
     _check_run_dir(run_dir, config, resume)
 
-    splits = load_data(config.dataset, data_dir, download=download, split_seed=config.split_seed)
+    splits = load_data(
+        config.dataset,
+        data_dir,
+        download=download,
+        split_seed=config.split_seed,
+        image_size=config.image_size,
+    )
     model_kwargs = dict(config.arch_kwargs)
     expected = default_input_shape(config.arch)
     if expected is not None and expected[0] != splits.input_shape[0]:
         # Registry models adapt their stem to the data's channel count (e.g. ResNet-20 on MNIST).
         model_kwargs.setdefault("in_channels", splits.input_shape[0])
-    torch.manual_seed(derive_seed(config.seed, "init"))
-    model = build_model(config.arch, splits.num_classes, model_kwargs, allow_import=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "init"))
+        model = build_model(config.arch, splits.num_classes, model_kwargs, allow_import=True)
     names = select_parameters(model, config.layers)
     model.to(dev)
+    _check_fits(model, config, splits, dev)
     train_model: nn.Module = model
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -229,7 +249,12 @@ def find_ticket(
     if dist.is_main:
         write_json_atomic(
             paths.config_file(run_dir),
-            {"config": config.to_dict(), "config_hash": config.config_hash, "pruned_layers": names},
+            {
+                "config": config.to_dict(),
+                "config_hash": config.config_hash,
+                "run_hash": config.run_hash,
+                "pruned_layers": names,
+            },
         )
     base_meta = {
         "architecture": {"name": config.arch, "kwargs": model_kwargs},
@@ -241,7 +266,7 @@ def find_ticket(
 
     records: list[dict[str, Any]] = []
     ticket: Ticket | None = None
-    dense_acc: dict[str, float] = {}
+    dense_acc: dict[str, float | None] = {}
     for r in range(config.rounds + 1):
         round_path = paths.round_ticket(run_dir, r)
         if round_path.exists():
@@ -250,7 +275,7 @@ def find_ticket(
             except TicketFormatError:
                 ticket = None  # an unfinished write; the round is redone
             else:
-                record = _load_record(run_dir, r) or _record(r, ticket, float("nan"), 0.0)
+                record = _load_record(run_dir, r) or _record(r, ticket, None, 0.0)
                 records.append(record)
                 if r == 0:
                     dense_acc = {"val": record["val_accuracy"], "test": record["test_accuracy"]}
@@ -310,7 +335,31 @@ def find_ticket(
     return FindResult(ticket, records, run_dir)
 
 
-def _record(r: int, ticket: Ticket, loss: float, seconds: float) -> dict[str, Any]:
+def _check_fits(model: nn.Module, config: FindConfig, splits: Any, device: torch.device) -> None:
+    """Run two samples through the model before anything is written, so a misfit fails early."""
+    from ticketguard.tickets.training import logits_of
+
+    x = torch.stack([splits.test[i][0] for i in range(min(2, len(splits.test)))])
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = logits_of(model(x.to(device)))
+    except (RuntimeError, TypeError, ValueError, AssertionError, IndexError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArchitectureError(
+            f"{config.arch!r} cannot take {config.dataset!r} inputs of shape "
+            f"{tuple(splits.input_shape)}: {detail}"
+        ) from None
+    finally:
+        model.train()
+    if out.shape[-1] != splits.num_classes:
+        raise ArchitectureError(
+            f"{config.arch!r} gives {out.shape[-1]} outputs but {config.dataset!r} has "
+            f"{splits.num_classes} classes"
+        )
+
+
+def _record(r: int, ticket: Ticket, loss: float | None, seconds: float) -> dict[str, Any]:
     acc = ticket.metadata.get("accuracy", {})
     return {
         "round": r,
@@ -320,7 +369,7 @@ def _record(r: int, ticket: Ticket, loss: float, seconds: float) -> dict[str, An
         "total": ticket.mask.num_weights,
         "val_accuracy": acc.get("val"),
         "test_accuracy": acc.get("test"),
-        "train_loss": loss,
+        "train_loss": loss if loss is not None and math.isfinite(loss) else None,
         "seconds": round(seconds, 3),
         "layer_density": {s.name: s.density for s in ticket.mask.layer_stats()},
     }

@@ -8,7 +8,7 @@ from typing import Any
 
 from ticketguard.errors import DatasetError
 from ticketguard.tickets.loading import load_checkpoint, load_model, observed_mask
-from ticketguard.tickets.models import prunable_parameters
+from ticketguard.tickets.models import classifier_width, is_import_path, prunable_parameters
 
 
 def inspect_file(
@@ -28,8 +28,16 @@ def inspect_file(
     """
     loaded = load_checkpoint(path)
     model = None
-    if arch is not None or loaded.architecture is not None:
-        model = load_model(loaded, arch, arch_kwargs=arch_kwargs, allow_import=arch is not None)
+    recorded = loaded.architecture
+    if arch is not None:
+        model = load_model(loaded, arch, arch_kwargs=arch_kwargs, allow_import=True)
+    elif recorded is not None and is_import_path(recorded):
+        loaded.notes.append(
+            f"architecture {recorded} is an import path recorded in the file; it was not imported "
+            "(name it yourself with --arch to build the model)"
+        )
+    elif recorded is not None:
+        model = load_model(loaded, arch_kwargs=arch_kwargs)
     if loaded.mask is not None:
         mask, source = observed_mask(loaded)
     elif model is not None:
@@ -42,10 +50,11 @@ def inspect_file(
     report: dict[str, Any] = {
         "path": str(loaded.path),
         "format": loaded.source_format,
-        "architecture": arch or loaded.architecture,
+        "architecture": arch or recorded,
         "num_classes": loaded.metadata.get("num_classes"),
         "parameters": {
-            "total": sum(v.numel() for v in loaded.state.values() if v.is_floating_point()),
+            "model": sum(p.numel() for p in model.parameters()) if model is not None else None,
+            "values": sum(v.numel() for v in loaded.state.values() if v.is_floating_point()),
             "tensors": len(loaded.state),
         },
         "mask_source": source,
@@ -55,19 +64,12 @@ def inspect_file(
         "notes": loaded.notes,
     }
     if model is not None and report["num_classes"] is None:
-        report["num_classes"] = _classes_of(model)
+        report["num_classes"] = classifier_width(model)
     if eval_dataset is not None:
         report["evaluation"] = _evaluate(
             model, eval_dataset, loaded.metadata, data_dir, download, device
         )
     return report
-
-
-def _classes_of(model: Any) -> int | None:
-    from torch import nn
-
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
 
 
 def _evaluate(

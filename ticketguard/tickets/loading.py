@@ -8,8 +8,9 @@ dict wrapping one under `state_dict`, `model` or `init_weight`. PyTorch files ar
 
 from __future__ import annotations
 
-import pickle
-import re
+import pickletools
+import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ticketguard.errors import ArchitectureError, TicketFormatError, UnsafeFileError
+from ticketguard.errors import ArchitectureError, MaskShapeError, TicketFormatError, UnsafeFileError
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.ticket import (
     Ticket,
@@ -30,7 +31,6 @@ from ticketguard.tickets.ticket import (
 
 WRAPPER_KEYS = ("state_dict", "model", "init_weight")
 PRUNE_ORIG, PRUNE_MASK = "_orig", "_mask"
-_GLOBAL = re.compile(r"GLOBAL\s+(\S+)")
 
 
 @dataclass
@@ -60,26 +60,98 @@ def _is_safetensors(path: Path) -> bool:
     return 2 <= size <= 100_000_000 and head[8:9] == b"{"
 
 
+def _numpy_safe_globals() -> list[Any]:
+    """numpy scalars and arrays of plain dtypes: common in checkpoints (`best_acc`), and inert."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [
+        np.float16,
+        np.float32,
+        np.float64,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.bool_,
+    ]
+    return [
+        core.multiarray.scalar,
+        core.multiarray._reconstruct,
+        np.ndarray,
+        np.dtype,
+        *(type(np.dtype(d)) for d in dtypes),
+    ]
+
+
+def _pickle_streams(path: Path) -> list[bytes]:
+    """Return the pickle byte streams of a file: the `data.pkl` of a torch zip, or the file."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+    return [path.read_bytes()]
+
+
+def _imported_names(stream: bytes) -> list[str] | None:
+    """List the Python objects the pickles in `stream` import; None when it holds no pickle.
+
+    Legacy torch files are several pickles in a row followed by raw storage bytes, so parsing
+    goes on pickle after pickle until the bytes stop parsing.
+    """
+    names: list[str] = []
+    strings: list[str] = []
+    offset, parsed = 0, False
+    while offset < len(stream):
+        try:
+            for opcode, arg, pos in pickletools.genops(stream[offset:]):
+                if opcode.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL":
+                    names.append(".".join(strings[-2:]) if len(strings) >= 2 else "an object")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                if opcode.name == "STOP":
+                    offset += pos + 1
+                    parsed = True
+                    break
+            else:
+                break
+        except Exception:  # noqa: BLE001 - the rest is not a pickle
+            break
+    return names if parsed else None
+
+
+def _torch_allowed_names() -> set[str]:
+    """Names torch's weights-only unpickler accepts, so they are not blamed for a refusal."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return set(_get_allowed_globals())
+    except (ImportError, AttributeError):
+        return set()
+
+
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        detail = str(exc)
-        culprit = _GLOBAL.search(detail)
-        if culprit:
-            raise UnsafeFileError(
-                f"{path}: refused: loading it would execute code from the file "
-                f"(it calls {culprit.group(1).rstrip('.')})"
-            ) from None
-        reason = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "unreadable pickle")
-        raise TicketFormatError(
-            f"{path}: not a ticket, safetensors or PyTorch checkpoint ({reason})"
-        ) from None
-    except Exception as exc:  # torch's legacy unpickler raises many types on arbitrary bytes
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TicketFormatError(
-            f"{path}: not a ticket, safetensors or PyTorch checkpoint ({first})"
-        ) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - every failure is explained below in our own words
+        pass
+    try:
+        streams = _pickle_streams(path)
+    except (OSError, zipfile.BadZipFile):
+        streams = []
+    imported = [_imported_names(s) for s in streams]
+    called = sorted({n for names in imported if names for n in names} - _torch_allowed_names())
+    if called:
+        shown = ", ".join(called[:3]) + (" ..." if len(called) > 3 else "")
+        raise UnsafeFileError(
+            f"{path}: refused: loading it would execute code from the file (it calls {shown})"
+        )
+    raise TicketFormatError(f"{path}: not a ticket, safetensors or PyTorch checkpoint")
 
 
 def _tensor_dict(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -104,7 +176,9 @@ def _unwrap(
     found = {k: _tensor_dict(obj[k]) for k in WRAPPER_KEYS if k in obj}
     found = {k: v for k, v in found.items() if v is not None}
     if not found:
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        tensors = {
+            k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)
+        }
         if tensors:
             skipped = sorted(str(k) for k in obj if k not in tensors)
             notes.append(f"ignored non-tensor entries: {', '.join(skipped[:6])}")
@@ -149,8 +223,6 @@ def merge_prune_state(
                 raise TicketFormatError(f"{path}: {key!r} has no matching {mask_key!r}")
             raw_mask = state[mask_key]
             if raw_mask.shape != value.shape:
-                from ticketguard.errors import MaskShapeError
-
                 raise MaskShapeError(
                     f"{path}: {mask_key!r} has shape {tuple(raw_mask.shape)} but {key!r} has {tuple(value.shape)}"
                 )
@@ -232,17 +304,13 @@ def infer_num_classes(
     allow_import: bool = False,
 ) -> int:
     """Read the number of classes off the classifier weight a state dict holds for `arch`."""
-    from ticketguard.tickets.models import build_model, prunable_parameters
+    from ticketguard.tickets.models import build_model, classifier_name
 
     probe = build_model(arch, 10, dict(kwargs or {}), allow_import=allow_import)
-    linears = [
-        n
-        for n in prunable_parameters(probe)
-        if isinstance(probe.get_submodule(n.rsplit(".", 1)[0]), nn.Linear)
-    ]
-    if not linears or linears[-1] not in state:
+    name = classifier_name(probe)
+    if name is None or name not in state or state[name].dim() != 2:
         raise ArchitectureError(f"cannot find the classifier of {arch!r} in the state dict")
-    return int(state[linears[-1]].shape[0])
+    return int(state[name].shape[0])
 
 
 def load_model(

@@ -9,6 +9,7 @@ An architecture is named by a string:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -242,29 +243,32 @@ def build_model(
     typed the path); an import path read from a file is never followed silently.
     """
     kwargs = dict(kwargs or {})
-    try:
-        if arch in REGISTRY:
-            return REGISTRY[arch].factory(num_classes=num_classes, **kwargs)
-        if is_import_path(arch):
-            if not allow_import:
-                raise ArchitectureError(
-                    f"architecture {arch!r} is an import path; pass --arch {arch} to allow "
-                    "building it (it runs that module's code)"
-                )
-            return _import_factory(arch)(num_classes=num_classes, **kwargs)
-        tv_name = arch.removeprefix("torchvision:")
-        if tv_name in _torchvision_names():
-            import torchvision.models as tvm
+    if arch in REGISTRY:
+        factory: Callable[..., nn.Module] = REGISTRY[arch].factory
+    elif is_import_path(arch):
+        if not allow_import:
+            raise ArchitectureError(
+                f"architecture {arch!r} is an import path recorded in a file; it is not imported "
+                "unless you name it yourself with --arch (that runs the module's code)"
+            )
+        factory = _import_factory(arch)
+    elif arch.removeprefix("torchvision:") in _torchvision_names():
+        import torchvision.models as tvm
 
-            return tvm.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
-    except ArchitectureError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ArchitectureError(f"cannot build {arch!r} with {kwargs}: {exc}") from None
-    raise ArchitectureError(
-        f"unknown architecture {arch!r} (known: {', '.join(known_architectures())}, "
-        "any torchvision classification model, or package.module:factory)"
-    )
+        factory = functools.partial(tvm.get_model, arch.removeprefix("torchvision:"), weights=None)
+    else:
+        raise ArchitectureError(
+            f"unknown architecture {arch!r} (known: {', '.join(known_architectures())}, "
+            "any torchvision classification model, or package.module:factory)"
+        )
+    try:
+        model = factory(num_classes=num_classes, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a factory may fail in any way; say which and why
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArchitectureError(f"cannot build {arch!r} with {kwargs}: {detail}") from None
+    if not isinstance(model, nn.Module):
+        raise ArchitectureError(f"{arch!r} returned a {type(model).__name__}, not a torch module")
+    return model
 
 
 def _import_factory(path: str) -> Callable[..., nn.Module]:
@@ -313,9 +317,21 @@ def default_pruned_parameters(model: nn.Module) -> list[str]:
         for n, m in model.named_modules()
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
     ]
-    linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    excluded = set(convs[:1]) | set(linears[-1:])
+    classifier = classifier_name(model)
+    excluded = set(convs[:1]) | ({classifier} if classifier else set())
     return [n for n in prunable_parameters(model) if n not in excluded]
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """Return the weight name of the final classifier: the last linear layer, if any."""
+    linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def classifier_width(model: nn.Module) -> int | None:
+    """Return the number of outputs of the final classifier, if the model has a linear one."""
+    name = classifier_name(model)
+    return int(model.get_parameter(name).shape[0]) if name else None
 
 
 def select_parameters(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:

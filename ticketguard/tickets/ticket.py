@@ -76,7 +76,7 @@ class Ticket:
         return meta
 
     def build_model(self, *, weights: str = "trained", allow_import: bool = False) -> nn.Module:
-        """Build the architecture and load the trained (or masked rewind) weights into it."""
+        """Build the architecture, load the trained (or masked rewind) weights, return it in eval mode."""
         from ticketguard.tickets.models import build_model
 
         if self.architecture is None or self.num_classes is None:
@@ -86,7 +86,7 @@ class Ticket:
         )
         state = self.trained if weights == "trained" else self.masked_rewind()
         load_state(model, state)
-        return model
+        return model.eval()
 
     def masked_rewind(self) -> dict[str, torch.Tensor]:
         """Return the rewind weights with the mask applied: the ticket's starting point."""
@@ -142,6 +142,53 @@ def is_ticket_metadata(metadata: Mapping[str, str]) -> bool:
     return METADATA_KEY in metadata
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_metadata(path: str | Path, meta: Any) -> None:
+    """Raise TicketFormatError unless the metadata has the types the format promises."""
+
+    def bad(field: str) -> TicketFormatError:
+        return TicketFormatError(f"{path}: ticket metadata field {field!r} is malformed")
+
+    if not isinstance(meta, dict):
+        raise TicketFormatError(f"{path}: ticket metadata is not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise TicketFormatError(f"{path}: unsupported ticket format {meta.get('format')!r}")
+    arch = meta.get("architecture")
+    if arch is not None and not (
+        isinstance(arch, dict)
+        and isinstance(arch.get("name"), str)
+        and isinstance(arch.get("kwargs", {}), dict)
+    ):
+        raise bad("architecture")
+    classes = meta.get("num_classes")
+    if classes is not None and not (
+        isinstance(classes, int) and not isinstance(classes, bool) and classes > 0
+    ):
+        raise bad("num_classes")
+    shape = meta.get("input_shape")
+    if shape is not None and not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(d, int) and d > 0 for d in shape)
+    ):
+        raise bad("input_shape")
+    dataset = meta.get("dataset")
+    if dataset is not None and not (
+        isinstance(dataset, dict)
+        and isinstance(dataset.get("name"), str)
+        and isinstance(dataset.get("split_seed", 0), int)
+    ):
+        raise bad("dataset")
+    accuracy = meta.get("accuracy")
+    if accuracy is not None and not (
+        isinstance(accuracy, dict) and all(v is None or _is_number(v) for v in accuracy.values())
+    ):
+        raise bad("accuracy")
+
+
 def ticket_from_safetensors(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> Ticket:
@@ -150,8 +197,7 @@ def ticket_from_safetensors(
         meta = json.loads(metadata[METADATA_KEY])
     except (KeyError, json.JSONDecodeError) as exc:
         raise TicketFormatError(f"{path}: ticket metadata is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TicketFormatError(f"{path}: unsupported ticket format {meta.get('format')!r}")
+    _check_metadata(path, meta)
     parts: dict[str, dict[str, torch.Tensor]] = {s: {} for s in SECTIONS}
     for key, tensor in tensors.items():
         section, sep, name = key.partition("::")

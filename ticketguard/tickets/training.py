@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ticketguard.errors import ConfigError
+from ticketguard.errors import ConfigError, TrainingDivergedError
 from ticketguard.tickets.mask import Mask
 
 OPTIMIZERS = ("sgd", "adam")
@@ -48,10 +50,18 @@ class TrainConfig:
             raise ConfigError(
                 f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
-        if not self.lr > 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ConfigError("milestones are fractions of training strictly between 0 and 1")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
 
     def lr_at(self, iteration: int, total: int) -> float:
         """Return the learning rate at `iteration` of `total`."""
@@ -105,24 +115,24 @@ class DistContext:
 
 
 class MaskedParameters:
-    """The model parameters a mask covers, with float masks ready for an in-place multiply."""
+    """The model parameters a mask covers, with the pruned positions ready for an in-place fill."""
 
     def __init__(self, model: nn.Module, mask: Mask):
         params = dict(model.named_parameters())
         mask.check_shapes(params)
         self.params = [params[n] for n in mask]
-        self.masks = [mask[n].to(device=params[n].device, dtype=params[n].dtype) for n in mask]
+        self.pruned = [~mask[n].to(params[n].device) for n in mask]
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero every pruned weight in place."""
-        if self.params:
-            torch._foreach_mul_(self.params, self.masks)
+        """Set every pruned weight to exactly zero in place (a fill, so NaN or inf cannot leak)."""
+        for param, pruned in zip(self.params, self.pruned, strict=True):
+            param.masked_fill_(pruned, 0.0)
 
 
 def iterations_per_epoch(dataset_size: int, batch_size: int) -> int:
     """Return the number of optimiser steps in one epoch (partial last batches dropped)."""
-    return max(1, dataset_size // batch_size) if dataset_size >= batch_size else 1
+    return max(1, dataset_size // batch_size)
 
 
 def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -143,6 +153,23 @@ def _batches(
     loader = DataLoader(dataset, batch_sampler=[i.tolist() for i in indices], num_workers=workers)
     for x, y in loader:
         yield x, torch.as_tensor(y)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Return the logits of a model's output (torchvision's GoogLeNet and Inception return tuples)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"the model returned a {type(output).__name__}, not logits")
+
+
+def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    devices = [device.index or 0] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
 
 
 @dataclass
@@ -203,32 +230,38 @@ def train(
     captured = None
     iteration = start_iteration
     loss: torch.Tensor | None = None
-    torch.manual_seed(derive_seed(seed, "augment", start_iteration))
-    model.train()
-    for epoch in range(start_iteration // per_epoch, config.epochs):
-        gen = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
-        indices = _epoch_batches(n, config.batch_size, gen)
-        skip = iteration - epoch * per_epoch
-        indices = [idx[dist.rank :: dist.world_size] for idx in indices[skip:]]
-        for x, y in _batches(dataset, indices, config.workers):
-            if capture_at is not None and iteration == capture_at:
-                captured = {k: v.detach().clone().cpu() for k, v in core.state_dict().items()}
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr_at(iteration, total)
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            masked.apply()
-            iteration += 1
-            if progress is not None:
-                progress(1)
-    if capture_at is not None and capture_at == total:
-        captured = {k: v.detach().clone().cpu() for k, v in core.state_dict().items()}
+    # Augmentation draws from torch's global RNG: seed it, and give the caller's state back after.
+    with _forked_rng(device):
+        torch.manual_seed(derive_seed(seed, "augment", start_iteration))
+        model.train()
+        for epoch in range(start_iteration // per_epoch, config.epochs):
+            gen = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
+            indices = _epoch_batches(n, config.batch_size, gen)
+            skip = iteration - epoch * per_epoch
+            indices = [idx[dist.rank :: dist.world_size] for idx in indices[skip:]]
+            for x, y in _batches(dataset, indices, config.workers):
+                if capture_at is not None and iteration == capture_at:
+                    captured = {k: v.detach().clone().cpu() for k, v in core.state_dict().items()}
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr_at(iteration, total)
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    loss = F.cross_entropy(logits_of(model(x)), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                masked.apply()
+                iteration += 1
+                if progress is not None:
+                    progress(1)
+            if loss is not None and not bool(torch.isfinite(loss)):
+                raise TrainingDivergedError(
+                    f"training diverged in epoch {epoch + 1} (loss {float(loss)}); lower the learning rate"
+                )
+        if capture_at is not None and capture_at == total:
+            captured = {k: v.detach().clone().cpu() for k, v in core.state_dict().items()}
     last_loss = float(loss.detach()) if loss is not None else float("nan")
     return TrainResult(iteration, last_loss, captured)
 
@@ -236,17 +269,17 @@ def train(
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512
-) -> float:
-    """Return top-1 accuracy of `model` on `dataset` (in [0, 1])."""
+) -> float | None:
+    """Return top-1 accuracy of `model` on `dataset` (in [0, 1]); None for an empty dataset."""
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
-        return float("nan")
+        return None
     was_training = model.training
     model.eval()
     correct = 0
     indices = list(torch.arange(n).split(batch_size))
     for x, y in _batches(dataset, indices, 0):
-        pred = model(x.to(device)).argmax(dim=1).cpu()
+        pred = logits_of(model(x.to(device))).argmax(dim=1).cpu()
         correct += int((pred == y).sum())
     model.train(was_training)
     return correct / n
