@@ -499,3 +499,20 @@ def test_inspect_does_not_import_an_architecture_named_by_the_file(
     assert report["fingerprint"] == ticket.fingerprint
     assert any("not imported" in note for note in report["notes"])
     assert not (tmp_path / "imported").exists()
+
+
+def test_inspect_eval_on_a_plain_state_dict_matches_the_tickets_own_accuracy(
+    tmp_path, finished_run
+):
+    ticket = load_ticket(finished_run / "final.ticket")
+    path = tmp_path / "plain.pth"
+    torch.save({"state_dict": ticket.trained, "epoch": 1}, path)
+    args = ["inspect", path, "--arch", "digits_cnn", "--arch-arg", "width=4", "--eval", "digits"]
+    result = invoke([*args, "--json", *CPU])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["evaluation"]["accuracy"] == ticket.metadata["accuracy"]["test"]
+    assert report["parameters"]["model"] == sum(
+        p.numel() for p in ticket.build_model().parameters()
+    )
+    assert report["sparsity"]["surviving"] < report["sparsity"]["total"]
