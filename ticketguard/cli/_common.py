@@ -63,6 +63,9 @@ data_dir_option = click.option(
     default=None,
     help="Where torchvision datasets live (cifar10, cifar100, mnist, fashion-mnist).",
 )
+arch_arg_option = click.option(
+    "--arch-arg", multiple=True, metavar="KEY=VALUE", help="Extra keyword for the model factory."
+)
 download_option = click.option(
     "--download", is_flag=True, help="Download the dataset into --data-dir if it is missing."
 )

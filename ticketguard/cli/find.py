@@ -11,6 +11,7 @@ import click
 from click.core import ParameterSource
 
 from ticketguard.cli._common import (
+    arch_arg_option,
     check_arch,
     check_dataset,
     data_dir_option,
@@ -177,9 +178,7 @@ def _init_distributed(device: str) -> bool:
     callback=check_arch,
     help="Registry name, torchvision model name, or package.module:factory.",
 )
-@click.option(
-    "--arch-arg", multiple=True, metavar="KEY=VALUE", help="Extra keyword for the model factory."
-)
+@arch_arg_option
 @click.option(
     "--dataset",
     default="digits",

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ticketguard.cli._common import (
+    arch_arg_option,
     check_arch,
     check_dataset,
     data_dir_option,
@@ -88,9 +89,7 @@ def _print_human(report: dict[str, Any]) -> None:
     callback=check_arch,
     help="Architecture when the file records none (registry, torchvision or package.module:factory).",
 )
-@click.option(
-    "--arch-arg", multiple=True, metavar="KEY=VALUE", help="Extra keyword for the model factory."
-)
+@arch_arg_option
 @click.option(
     "--eval",
     "eval_dataset",

@@ -213,6 +213,23 @@ def _train_val_split(what: str, labels: np.ndarray, seed: int) -> tuple[np.ndarr
     return train, val
 
 
+def _holdout_splits(
+    what: str,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test: tuple[torch.Tensor, torch.Tensor],
+    split_seed: int,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Split an official training set into train and validation; keep the official test set."""
+    train_np, val_np = _train_val_split(what, train_y.numpy(), split_seed)
+    train, val = torch.from_numpy(train_np), torch.from_numpy(val_np)
+    return {
+        "train": (train_x[train], train_y[train]),
+        "val": (train_x[val], train_y[val]),
+        "test": test,
+    }
+
+
 def _normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Convert uint8 (N, C, H, W) images to float32 in [0, 1] and normalise per channel."""
     shape = (1, len(mean), 1, 1)
@@ -451,15 +468,9 @@ def _load_cifar(
             )
     train_x, train_y = _read_cifar_files(folder, layout.train_files, layout)
     test_x, test_y = _read_cifar_files(folder, layout.test_files, layout)
-    train_np, val_np = _train_val_split(
-        f"{layout.title} under {folder}", train_y.numpy(), split_seed
+    splits = _holdout_splits(
+        f"{layout.title} under {folder}", train_x, train_y, (test_x, test_y), split_seed
     )
-    train, val = torch.from_numpy(train_np), torch.from_numpy(val_np)
-    splits = {
-        "train": (train_x[train], train_y[train]),
-        "val": (train_x[val], train_y[val]),
-        "test": (test_x, test_y),
-    }
     padding = _CIFAR_PADDING if augment else None
     return _image_splits(spec, layout.num_classes, splits, layout.mean, layout.std, padding)
 
@@ -509,15 +520,9 @@ def _load_mnist(spec: str, name: str, root: Path, download: bool, split_seed: in
             raise DatasetError(f"{raw}: {source.__name__} labels must be a non-empty list of 0..9")
         loaded[train] = images.unsqueeze(1), labels.to(torch.int64)
     train_x, train_y = loaded[True]
-    train_np, val_np = _train_val_split(
-        f"{source.__name__} under {raw}", train_y.numpy(), split_seed
+    splits = _holdout_splits(
+        f"{source.__name__} under {raw}", train_x, train_y, loaded[False], split_seed
     )
-    train, val = torch.from_numpy(train_np), torch.from_numpy(val_np)
-    splits = {
-        "train": (train_x[train], train_y[train]),
-        "val": (train_x[val], train_y[val]),
-        "test": loaded[False],
-    }
     mean, std = _MNIST_STATS[name]
     return _image_splits(spec, 10, splits, (mean,), (std,), None)
 
