@@ -216,6 +216,7 @@ def find_ticket(
             "cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count()
         )
     _check_run_dir(run_dir, config, resume)
+    _barrier(dist)  # every rank has looked at the folder before rank 0 writes into it
 
     splits = load_data(
         config.dataset,
