@@ -15,6 +15,7 @@ from ticketguard.cli._common import (
     device_option,
     download_option,
     library_errors,
+    parse_kwargs,
     percent,
 )
 from ticketguard.tickets.inspection import inspect_file
@@ -122,8 +123,6 @@ def inspect(
     Example:
       ticketguard inspect runs/digits/final.ticket --eval digits
     """
-    from ticketguard.cli._common import parse_kwargs
-
     kwargs = parse_kwargs(arch_arg, "--arch-arg") if arch_arg else None
     report = inspect_file(
         file,
