@@ -45,3 +45,19 @@ class RunStateError(TicketGuardError):
 
 class TrainingDivergedError(TicketGuardError):
     """Training produced a non-finite loss."""
+
+
+class KeyFileError(TicketGuardError):
+    """A key file is missing, malformed, or needs a (different) passphrase."""
+
+
+class CredentialError(TicketGuardError):
+    """A credential or secret file cannot be read."""
+
+
+class EmbeddingError(TicketGuardError):
+    """A signature cannot be embedded into (or read from) a ticket as asked."""
+
+
+class TopologyError(TicketGuardError):
+    """A model's channel structure cannot be traced into a topology graph."""
