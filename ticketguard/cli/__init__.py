@@ -7,6 +7,7 @@ import click
 from ticketguard import __version__
 from ticketguard.cli.find import find
 from ticketguard.cli.inspect import inspect
+from ticketguard.cli.keygen import keygen
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -17,6 +18,7 @@ def cli() -> None:
 
 cli.add_command(find)
 cli.add_command(inspect)
+cli.add_command(keygen)
 
 
 def main() -> None:

@@ -1,0 +1,350 @@
+"""Tests for the statistics behind verdicts: exact tails, p-value formatting, evidence, judging."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from scipy.stats import binom, norm
+
+from ticketguard.errors import ConfigError
+from ticketguard.verify.stats import (
+    Evidence,
+    Verdict,
+    binomial_log10_tail,
+    empirical_p,
+    format_p,
+    judge,
+    normal_log10_tail,
+)
+
+
+def exact_log10_tail(n: int, k: int, p: Fraction) -> float:
+    """Return log10 P(Binomial(n, p) >= k) from an exact rational sum."""
+    total = sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
+    if total > Fraction(1, 2):
+        # Near 1, go through the exact complement so no digits cancel.
+        return math.log1p(-float(1 - total)) / math.log(10)
+    # log10 of a huge numerator and denominator separately stays exact far below 1e-308.
+    return math.log10(total.numerator) - math.log10(total.denominator)
+
+
+# --- binomial_log10_tail --------------------------------------------------------------------------
+
+
+def test_binomial_all_successes_is_n_log10_p() -> None:
+    assert binomial_log10_tail(1024, 1024, 0.5) == pytest.approx(1024 * math.log10(0.5), abs=1e-9)
+    assert binomial_log10_tail(5000, 5000, 0.3) == pytest.approx(5000 * math.log10(0.3), rel=1e-12)
+
+
+def test_binomial_astronomically_small_is_finite() -> None:
+    value = binomial_log10_tail(4096, 4096, 0.5)
+    assert math.isfinite(value)
+    assert value == pytest.approx(-1233.0188622, abs=1e-6)
+    assert binomial_log10_tail(4096, 4000, 0.5) < -1000
+
+
+def test_binomial_small_case_by_hand() -> None:
+    # P(X >= 7) for X ~ Bin(10, 1/2): (C(10,7) + C(10,8) + C(10,9) + C(10,10)) / 2^10 = 176/1024.
+    assert binomial_log10_tail(10, 7, 0.5) == pytest.approx(math.log10(176 / 1024), abs=1e-12)
+
+
+@pytest.mark.parametrize("p", [Fraction(1, 2), Fraction(1, 3), Fraction(1, 10), Fraction(9, 10)])
+@pytest.mark.parametrize("n", [1, 2, 7, 20, 63])
+def test_binomial_matches_exact_fractions(n: int, p: Fraction) -> None:
+    for k in range(1, n + 1):
+        expected = exact_log10_tail(n, k, p)
+        got = binomial_log10_tail(n, k, float(p))
+        assert got == pytest.approx(expected, rel=1e-10, abs=1e-12), (n, k, p)
+
+
+@pytest.mark.parametrize(("n", "k"), [(2000, 1900), (1024, 1020), (4096, 2500)])
+def test_binomial_matches_exact_fractions_far_below_double_range(n: int, k: int) -> None:
+    expected = exact_log10_tail(n, k, Fraction(1, 2))
+    assert binomial_log10_tail(n, k, 0.5) == pytest.approx(expected, rel=1e-11)
+
+
+@pytest.mark.parametrize(("n", "p"), [(50, 0.5), (300, 0.3), (1000, 0.02), (4096, 0.5)])
+def test_binomial_matches_scipy_where_it_does_not_underflow(n: int, p: float) -> None:
+    for k in range(0, n + 1, max(1, n // 60)):
+        sf = binom.sf(k - 1, n, p)
+        if sf < 1e-290:
+            continue
+        assert binomial_log10_tail(n, k, p) == pytest.approx(math.log10(sf), rel=1e-9, abs=1e-12)
+
+
+def test_binomial_keeps_precision_when_the_tail_is_nearly_one() -> None:
+    # P(X >= 1) = 1 - 2^-100, so log10 is -2^-100 / ln 10 to first order; a sum near 1 loses it.
+    assert binomial_log10_tail(100, 1, 0.5) == pytest.approx(-(2.0**-100) / math.log(10), rel=1e-9)
+    expected = exact_log10_tail(300, 60, Fraction(1, 3))
+    got = binomial_log10_tail(300, 60, 1 / 3)
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert got < 0.0
+
+
+def test_binomial_is_monotone_in_k_and_at_most_zero() -> None:
+    values = [binomial_log10_tail(777, k, 0.37) for k in range(0, 778)]
+    assert all(v <= 0.0 for v in values)
+    assert all(b < a for a, b in zip(values, values[1:], strict=False) if a > -300)
+    assert all(b <= a for a, b in zip(values, values[1:], strict=False))
+
+
+def test_binomial_edge_cases() -> None:
+    assert binomial_log10_tail(10, 0, 0.5) == 0.0
+    assert binomial_log10_tail(10, -3, 0.5) == 0.0
+    assert binomial_log10_tail(0, 0, 0.5) == 0.0
+    assert binomial_log10_tail(10, 10, 1.0) == 0.0
+    assert binomial_log10_tail(10, 0, 0.0) == 0.0
+    assert binomial_log10_tail(10, 1, 0.0) == -math.inf
+    assert binomial_log10_tail(np.int64(10), np.int64(7), np.float64(0.5)) == pytest.approx(
+        math.log10(176 / 1024)
+    )
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "p", "message"),
+    [
+        (10, 11, 0.5, "k must be <= n"),
+        (10, 5, 1.5, "p must lie in"),
+        (10, 5, -0.1, "p must lie in"),
+        (10, 5, float("nan"), "p must be finite"),
+        (-1, 0, 0.5, "n must be >= 0"),
+        (10.0, 5, 0.5, "n must be an integer"),
+        (10, 5.5, 0.5, "k must be an integer"),
+    ],
+)
+def test_binomial_rejects_bad_input(n: object, k: object, p: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        binomial_log10_tail(n, k, p)  # type: ignore[arg-type]
+
+
+# --- normal_log10_tail and empirical_p ----------------------------------------------------------
+
+
+def test_normal_tail_matches_scipy() -> None:
+    for score in [-3.0, 0.0, 0.7, 2.5, 6.0]:
+        expected = math.log10(norm.sf((score - 1.0) / 0.5))
+        assert normal_log10_tail(score, 1.0, 0.5) == pytest.approx(expected, rel=1e-12)
+    assert normal_log10_tail(3.0, 3.0, 2.0) == pytest.approx(math.log10(0.5))
+
+
+def test_normal_tail_far_out_is_finite_and_asymptotically_right() -> None:
+    z = 60.0
+    value = normal_log10_tail(z, 0.0, 1.0)
+    # Mills ratio: log P(Z >= z) ≈ -z²/2 - log(z √(2π)) for large z.
+    approx = (-(z**2) / 2 - math.log(z * math.sqrt(2 * math.pi))) / math.log(10)
+    assert math.isfinite(value)
+    assert value == pytest.approx(approx, abs=1e-3)
+
+
+@pytest.mark.parametrize("std", [0.0, -1.0, float("nan")])
+def test_normal_tail_refuses_degenerate_null(std: float) -> None:
+    with pytest.raises(ValueError, match="std"):
+        normal_log10_tail(5.0, 0.0, std)
+
+
+def test_empirical_p_counts_ties_and_is_never_zero() -> None:
+    null = [0.1, 0.2, 0.3, 0.3, 0.9]
+    assert empirical_p(0.3, null) == pytest.approx(4 / 6)
+    assert empirical_p(1.0, null) == pytest.approx(1 / 6)
+    assert empirical_p(-5.0, null) == pytest.approx(1.0)
+    assert empirical_p(1.0, []) == 1.0
+    assert empirical_p(1e9, np.zeros(999)) == pytest.approx(1e-3)
+
+
+def test_empirical_p_is_valid_under_the_null() -> None:
+    # A score drawn from the null itself must give P(p <= a) <= a (add-one makes it conservative).
+    rng = np.random.default_rng(0)
+    ps = np.array([empirical_p(rng.normal(), rng.normal(size=19)) for _ in range(4000)])
+    for a in [0.05, 0.1, 0.25, 0.5]:
+        assert np.mean(ps <= a) <= a + 4 * math.sqrt(a * (1 - a) / ps.size)
+
+
+def test_empirical_p_rejects_non_finite() -> None:
+    with pytest.raises(ValueError):
+        empirical_p(float("nan"), [1.0])
+    with pytest.raises(ValueError):
+        empirical_p(0.5, [1.0, float("nan")])
+
+
+# --- format_p -----------------------------------------------------------------------------------
+
+
+def test_format_p_examples() -> None:
+    assert format_p(math.log10(0.031)) == "0.031"
+    assert format_p(math.log10(4.2e-5)) == "4.2e-05"
+    assert format_p(1024 * math.log10(0.5)) == "10^-308.3"
+    assert format_p(binomial_log10_tail(4096, 4096, 0.5)) == "10^-1233.0"
+    assert format_p(0.0) == "1"
+    assert format_p(1e-12) == "1"
+    assert format_p(-math.inf) == "< 1e-308"
+
+
+def test_format_p_never_prints_zero() -> None:
+    for x in np.linspace(-5000.0, 0.0, 20001):
+        text = format_p(float(x))
+        if text.startswith("10^"):
+            assert float(text[3:]) == pytest.approx(x, abs=0.051)
+        else:
+            assert float(text) > 0.0
+            assert math.log10(float(text)) == pytest.approx(x, abs=0.03)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), math.inf, 0.5, 3.0])
+def test_format_p_rejects_non_probabilities(bad: float) -> None:
+    with pytest.raises(ValueError):
+        format_p(bad)
+
+
+# --- Evidence and Verdict -----------------------------------------------------------------------
+
+
+def _stat(name: str, log10_p: float | None) -> Evidence:
+    return Evidence(
+        name=name, kind="statistical", summary="test", log10_p=log10_p, null="Binomial(n, 1/2)"
+    )
+
+
+def _crypto(name: str, valid: bool | None) -> Evidence:
+    return Evidence(name=name, kind="cryptographic", summary="signature", valid=valid)
+
+
+def test_evidence_to_dict_is_strict_json() -> None:
+    ev = Evidence(
+        name="W2 bits",
+        kind="statistical",
+        summary="1024/1024 bits match",
+        log10_p=binomial_log10_tail(1024, 1024, 0.5),
+        null="Binomial(1024, 1/2)",
+        details={"n": np.int64(1024), "k": 1020, "per_layer": np.array([3, 4]), "x": -math.inf},
+    )
+    data = ev.to_dict()
+    text = json.dumps(data, allow_nan=False)
+    back = json.loads(text)
+    assert back["p"] == format_p(ev.log10_p)
+    assert back["p"].startswith("10^-")
+    assert back["details"] == {"n": 1024, "k": 1020, "per_layer": [3, 4], "x": "-inf"}
+    assert back["valid"] is None
+    crypto = json.loads(json.dumps(_crypto("W2 payload", True).to_dict(), allow_nan=False))
+    assert crypto["valid"] is True and crypto["p"] is None and crypto["log10_p"] is None
+
+
+def test_evidence_minus_inf_serialises() -> None:
+    ev = _stat("degenerate", binomial_log10_tail(10, 1, 0.0))
+    data = json.loads(json.dumps(ev.to_dict(), allow_nan=False))
+    assert data["log10_p"] == "-inf" and data["p"] == "< 1e-308"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kind": "magic"},
+        {"kind": "statistical", "valid": True},
+        {"kind": "statistical", "log10_p": 0.5},
+        {"kind": "statistical", "log10_p": float("nan")},
+        {"kind": "statistical", "log10_p": -3.0, "null": ""},
+        {"kind": "cryptographic", "log10_p": -3.0},
+        {"kind": "cryptographic", "valid": "yes"},
+        {"kind": "statistical", "summary": "two\nlines"},
+    ],
+)
+def test_evidence_rejects_inconsistent_fields(kwargs: dict) -> None:
+    base = {"name": "e", "summary": "s", "null": "Binomial(n, 1/2)"}
+    with pytest.raises(ValueError):
+        Evidence(**{**base, **kwargs})
+
+
+# --- judge --------------------------------------------------------------------------------------
+
+
+def test_judge_bonferroni_threshold_with_two_tests() -> None:
+    verdict = judge([_stat("W1 overlap", -2.0), _stat("W2 bits", -300.9)], alpha=1e-6)
+    assert verdict.tests == 2
+    assert verdict.threshold_log10 == pytest.approx(math.log10(5e-7), abs=1e-12)
+    assert verdict.verified
+    assert verdict.decisive == ["W2 bits"]
+    assert verdict.reason == "verified: W2 bits p = 10^-300.9 < alpha/m = 5e-07 (m=2)"
+
+
+def test_judge_correction_depends_on_m() -> None:
+    ev = _stat("B1 triggers", -6.5)
+    assert judge([ev]).verified
+    others = [_stat(f"null {i}", -0.1) for i in range(9)]
+    verdict = judge([ev, *others])
+    assert verdict.tests == 10
+    assert verdict.threshold_log10 == pytest.approx(-7.0)
+    assert not verdict.verified
+    assert "smallest B1 triggers p = 3.2e-07" in verdict.reason
+
+
+def test_judge_threshold_is_strict() -> None:
+    at = judge([_stat("a", math.log10(1e-6))])
+    assert at.threshold_log10 == math.log10(1e-6)
+    assert not at.verified
+    below = judge([_stat("a", math.nextafter(math.log10(1e-6), -math.inf))])
+    assert below.verified
+
+
+def test_judge_cryptographic_evidence_alone_verifies() -> None:
+    verdict = judge([_stat("W2 bits", -1.0), _crypto("W2 payload", True)])
+    assert verdict.verified
+    assert verdict.decisive == ["W2 payload"]
+    assert verdict.tests == 1
+    assert "W2 payload signature valid" in verdict.reason
+
+
+def test_judge_both_decisive_named_in_order() -> None:
+    verdict = judge([_stat("W2 bits", -300.9), _stat("W1", -1.0), _crypto("W2 payload", True)])
+    assert verdict.decisive == ["W2 bits", "W2 payload"]
+    assert verdict.reason == (
+        "verified: W2 bits p = 10^-300.9 < alpha/m = 5e-07 (m=2); W2 payload signature valid"
+    )
+
+
+def test_judge_not_verified_names_the_evidence() -> None:
+    verdict = judge([_stat("W2 bits", -3.0), _crypto("W2 payload", False)])
+    assert not verdict.verified
+    assert verdict.decisive == []
+    assert verdict.reason.startswith("not verified: no evidence below alpha/m = 1e-06 (m=1)")
+    assert "W2 bits p = 0.001" in verdict.reason
+    assert "W2 payload signature invalid" in verdict.reason
+
+
+def test_judge_counts_only_evidence_with_a_p_value() -> None:
+    verdict = judge([_stat("unreadable", None), _stat("W2 bits", -6.5), _crypto("sig", None)])
+    assert verdict.tests == 1
+    assert verdict.verified
+    nothing = judge([_stat("unreadable", None), _crypto("sig", None)])
+    assert not nothing.verified and nothing.tests == 0
+    assert "no statistical evidence with a p-value" in nothing.reason
+    assert "sig signature not checked" in nothing.reason
+
+
+def test_judge_without_evidence() -> None:
+    verdict = judge([])
+    assert not verdict.verified
+    assert verdict.tests == 0 and verdict.decisive == []
+    assert "no evidence" in verdict.reason
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 2.0, float("nan"), "0.01", True])
+def test_judge_rejects_bad_alpha(alpha: object) -> None:
+    with pytest.raises(ConfigError):
+        judge([_stat("a", -10.0)], alpha=alpha)  # type: ignore[arg-type]
+
+
+def test_verdict_to_dict_is_strict_json() -> None:
+    verdict = judge([_stat("W2 bits", -300.9), _crypto("W2 payload", False)])
+    assert isinstance(verdict, Verdict)
+    data = json.loads(json.dumps(verdict.to_dict(), allow_nan=False))
+    assert data == {
+        "verified": True,
+        "alpha": 1e-6,
+        "threshold_log10": -6.0,
+        "tests": 1,
+        "decisive": ["W2 bits"],
+        "reason": verdict.reason,
+    }

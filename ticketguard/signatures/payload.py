@@ -1,0 +1,209 @@
+"""The W2 payload bits: Reed–Solomon protected, whitened by a keyed stream, ready for the mask."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import reedsolo
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ticketguard.errors import ConfigError, EmbeddingError
+
+__all__ = [
+    "EccParams",
+    "codeword_bits",
+    "decode_bits",
+    "embedded_bits",
+    "keyed_bytes",
+    "keyed_generator",
+    "recover_payload",
+    "whiten",
+    "whitening_bits",
+]
+
+#: Symbols per Reed–Solomon codeword over GF(2^8): payload plus parity never exceed this.
+RS_BLOCK = 255
+
+_CODE = "reed-solomon"
+_FIELD = "GF(2^8)"
+_WHITENING = "W2 whitening"
+
+
+@dataclass(frozen=True)
+class EccParams:
+    """Reed–Solomon parameters: `nsym` parity bytes correct nsym//2 errors or nsym erasures."""
+
+    nsym: int = 64
+
+    def __post_init__(self) -> None:
+        """Check that the code fits in one GF(2^8) block with room for a payload."""
+        if isinstance(self.nsym, bool) or not isinstance(self.nsym, int):
+            raise ConfigError(f"ECC nsym must be an integer, got {self.nsym!r}")
+        if not 2 <= self.nsym <= RS_BLOCK - 1:
+            raise ConfigError(f"ECC nsym must lie in [2, {RS_BLOCK - 1}], got {self.nsym}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form recorded in a credential."""
+        return {"code": _CODE, "field": _FIELD, "nsym": self.nsym}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> EccParams:
+        """Read ECC parameters from an untrusted credential, refusing anything malformed."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"ECC parameters must be a mapping, got {type(data).__name__}")
+        expected = {"code", "field", "nsym"}
+        keys = set(data)
+        if keys != expected:
+            missing = sorted(map(str, expected - keys))
+            extra = sorted(map(str, keys - expected))
+            raise ConfigError(f"ECC parameters: missing keys {missing}, unknown keys {extra}")
+        if data["code"] != _CODE:
+            raise ConfigError(f"ECC code must be {_CODE!r}, got {data['code']!r}")
+        if data["field"] != _FIELD:
+            raise ConfigError(f"ECC field must be {_FIELD!r}, got {data['field']!r}")
+        return cls(nsym=data["nsym"])
+
+
+@functools.lru_cache(maxsize=16)
+def _codec(nsym: int) -> reedsolo.RSCodec:
+    """Return the codec for `nsym` with every field parameter pinned, not left to defaults."""
+    return reedsolo.RSCodec(nsym, nsize=RS_BLOCK, fcr=0, prim=0x11D, generator=2, c_exp=8)
+
+
+def _check_lengths(payload_len: int, ecc: EccParams) -> None:
+    """Raise EmbeddingError unless a payload of this length fits one codeword."""
+    if not isinstance(ecc, EccParams):
+        raise EmbeddingError(f"ecc must be EccParams, got {type(ecc).__name__}")
+    if isinstance(payload_len, bool) or not isinstance(payload_len, int):
+        raise EmbeddingError(f"payload_len must be an integer, got {payload_len!r}")
+    if payload_len < 1 or payload_len + ecc.nsym > RS_BLOCK:
+        raise EmbeddingError(
+            f"a {payload_len}-byte payload with {ecc.nsym} parity bytes does not fit one "
+            f"Reed–Solomon block of {RS_BLOCK} bytes"
+        )
+
+
+def _as_bits(bits: Any, name: str) -> np.ndarray:
+    """Return a 1-D uint8 0/1 array or raise EmbeddingError."""
+    arr = np.asarray(bits)
+    if arr.ndim != 1:
+        raise EmbeddingError(f"{name} must be a 1-D array, got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise EmbeddingError(f"{name} must hold integers 0/1, got dtype {arr.dtype}")
+    if arr.size and not np.all((arr == 0) | (arr == 1)):
+        raise EmbeddingError(f"{name} must hold only 0 and 1")
+    return arr.astype(np.uint8)
+
+
+def codeword_bits(payload: bytes, ecc: EccParams) -> np.ndarray:
+    """Reed–Solomon encode `payload` and return its bits (MSB first) as a uint8 0/1 array."""
+    if not isinstance(payload, bytes | bytearray):
+        raise EmbeddingError(f"payload must be bytes, got {type(payload).__name__}")
+    _check_lengths(len(payload), ecc)
+    codeword = bytes(_codec(ecc.nsym).encode(bytes(payload)))
+    return np.unpackbits(np.frombuffer(codeword, dtype=np.uint8))
+
+
+def decode_bits(
+    bits: np.ndarray,
+    ecc: EccParams,
+    payload_len: int = 64,
+    erasures: np.ndarray | None = None,
+) -> bytes | None:
+    """Decode codeword bits back to the payload; None when they are beyond correction."""
+    _check_lengths(payload_len, ecc)
+    n_bits = 8 * (payload_len + ecc.nsym)
+    arr = _as_bits(bits, "bits")
+    if arr.size != n_bits:
+        raise EmbeddingError(f"expected {n_bits} codeword bits, got {arr.size}")
+    if erasures is None:
+        erased_bytes = np.zeros(payload_len + ecc.nsym, dtype=bool)
+    else:
+        mask = np.asarray(erasures)
+        if mask.dtype != np.bool_ or mask.shape != arr.shape:
+            raise EmbeddingError(
+                f"erasures must be a bool array of shape {arr.shape}, got {mask.dtype} {mask.shape}"
+            )
+        # An unreadable bit makes its whole byte an erasure: RS works on bytes, not bits.
+        erased_bytes = mask.reshape(-1, 8).any(axis=1)
+        arr = np.where(mask, 0, arr).astype(np.uint8)
+    erase_pos = np.flatnonzero(erased_bytes).tolist()
+    if len(erase_pos) > ecc.nsym:
+        return None
+    received = np.packbits(arr)
+    try:
+        decoded, _, _ = _codec(ecc.nsym).decode(bytearray(received.tobytes()), erase_pos=erase_pos)
+    except reedsolo.ReedSolomonError:
+        return None
+    payload = bytes(decoded)
+    if len(payload) != payload_len:
+        return None
+    # Accept only bounded-distance decodes, so a result beyond the code's guarantee is refused.
+    recoded = np.frombuffer(bytes(_codec(ecc.nsym).encode(payload)), dtype=np.uint8)
+    errors = int(np.count_nonzero((recoded != received) & ~erased_bytes))
+    if 2 * errors + len(erase_pos) > ecc.nsym:
+        return None
+    return payload
+
+
+def keyed_bytes(seed: bytes, purpose: str, n: int) -> bytes:
+    """Return `n` pseudo-random bytes from ChaCha20 keyed by HKDF-SHA256(seed, purpose)."""
+    if not isinstance(seed, bytes | bytearray) or len(seed) == 0:
+        raise ConfigError("the seed must be non-empty bytes")
+    if not isinstance(purpose, str) or not purpose:
+        raise ConfigError("the purpose must be a non-empty string")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"the number of bytes must be an integer >= 0, got {n!r}")
+    key = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=None,
+        info=b"ticketguard/" + purpose.encode("utf-8") + b"/1",
+    ).derive(bytes(seed))
+    # An all-zero nonce is safe here because every key serves exactly one purpose.
+    encryptor = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), mode=None).encryptor()
+    return encryptor.update(b"\x00" * n) + encryptor.finalize()
+
+
+def whitening_bits(seed: bytes, n: int) -> np.ndarray:
+    """Return `n` keyed uniform bits (uint8 0/1) used to whiten the W2 codeword."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"the number of bits must be an integer >= 0, got {n!r}")
+    stream = keyed_bytes(seed, _WHITENING, (n + 7) // 8)
+    return np.unpackbits(np.frombuffer(stream, dtype=np.uint8))[:n]
+
+
+def whiten(bits: np.ndarray, seed: bytes) -> np.ndarray:
+    """XOR `bits` with the keyed whitening stream; applying it twice gives the bits back."""
+    arr = _as_bits(bits, "bits")
+    return arr ^ whitening_bits(seed, arr.size)
+
+
+def keyed_generator(seed: bytes, purpose: str) -> np.random.Generator:
+    """Return a numpy generator seeded from the keyed stream, identical on every platform."""
+    state = int.from_bytes(keyed_bytes(seed, purpose, 32), "big")
+    return np.random.Generator(np.random.PCG64(state))
+
+
+def embedded_bits(payload: bytes, seed: bytes, ecc: EccParams) -> np.ndarray:
+    """Return the whitened codeword bits of `payload`, the bits W2 writes into the mask."""
+    return whiten(codeword_bits(payload, ecc), seed)
+
+
+def recover_payload(
+    read_bits: np.ndarray,
+    seed: bytes,
+    ecc: EccParams,
+    payload_len: int = 64,
+    erasures: np.ndarray | None = None,
+) -> bytes | None:
+    """Un-whiten and decode bits read from a suspect; None when they are beyond correction."""
+    return decode_bits(whiten(read_bits, seed), ecc, payload_len=payload_len, erasures=erasures)
