@@ -30,3 +30,13 @@ def round_ticket(run_dir: Path, round_index: int) -> Path:
 def final_ticket(run_dir: Path) -> Path:
     """The ticket of the last round: the run's result."""
     return run_dir / f"final{TICKET_SUFFIX}"
+
+
+def signed_outputs(out: Path) -> tuple[Path, Path, Path]:
+    """The files `sign --out OUT` writes: the signed ticket, its credential, the owner's secret.
+
+    `signed.ticket` gives `signed.ticket`, `signed.cred.json` and `signed.secret.json`.
+    """
+    stem = out.name[: -len(TICKET_SUFFIX)] if out.name.endswith(TICKET_SUFFIX) else out.name
+    ticket = out if out.name.endswith(TICKET_SUFFIX) else out.with_name(stem + TICKET_SUFFIX)
+    return ticket, out.with_name(f"{stem}.cred.json"), out.with_name(f"{stem}.secret.json")

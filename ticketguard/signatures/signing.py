@@ -1,0 +1,201 @@
+"""Sign a ticket: embed the owner's W2 signature, retrain, and issue the credential."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ticketguard.errors import EmbeddingError, TicketFormatError
+from ticketguard.signatures.credential import (
+    credential_bytes,
+    make_credential,
+    payload_message,
+    payload_of,
+    write_secret,
+)
+from ticketguard.signatures.keys import OwnerKey
+from ticketguard.signatures.payload import EccParams, embedded_bits
+from ticketguard.signatures.w2 import (
+    W2Params,
+    eligible_layers,
+    keyed_positions,
+    plan_embedding,
+    write_bits,
+)
+from ticketguard.tickets.mask import Mask
+from ticketguard.tickets.retrain import RetrainConfig, retrain
+from ticketguard.tickets.ticket import Ticket
+
+
+@dataclass(frozen=True)
+class SignConfig:
+    """How a ticket is signed: which layers carry bits, the code strength, the retraining."""
+
+    layers: tuple[str, ...] | None = None
+    ecc_symbols: int = 64
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    random_seed: bool = False
+
+
+@dataclass
+class SignResult:
+    """A signed ticket with its credential, its secret seed and what signing cost."""
+
+    ticket: Ticket
+    credential: dict[str, Any]
+    seed: bytes
+    params: W2Params
+    accuracy_before: float | None
+    accuracy_after: float | None
+    changed_connections: int
+    dataset: str | None = None
+
+
+def excluded_layers(ticket: Ticket) -> list[str]:
+    """Return the first conv and the classifier of the ticket's architecture (never signed)."""
+    from ticketguard.tickets.models import classifier_name, prunable_parameters
+
+    model = ticket.build_model()
+    convs = [n for n in prunable_parameters(model) if model.get_parameter(n).dim() > 2]
+    classifier = classifier_name(model)
+    return convs[:1] + ([classifier] if classifier else [])
+
+
+def embed_signature(
+    ticket: Ticket, payload: bytes, seed: bytes, params: W2Params
+) -> tuple[Mask, np.ndarray]:
+    """Return the ticket's mask with the whitened, error-corrected payload written in (pure)."""
+    bits = embedded_bits(payload, seed, params.ecc)
+    positions = keyed_positions(seed, params)
+    mask = write_bits(ticket.mask, ticket.trained, ticket.rewind, params, positions, bits)
+    return mask, bits
+
+
+def sign_ticket(
+    ticket: Ticket,
+    key: OwnerKey,
+    config: SignConfig = SignConfig(),
+    *,
+    device: torch.device,
+    created: str | None = None,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> SignResult:
+    """Embed `key`'s signature into `ticket`, retrain with the new mask fixed, make the credential."""
+    from ticketguard import __version__
+    from ticketguard.tickets.finding import creation_time
+
+    if ticket.architecture is None:
+        raise TicketFormatError("the ticket records no architecture; it cannot be signed")
+    created = created or creation_time()
+    before = ticket.fingerprint
+    seed = os.urandom(32) if config.random_seed else key.derive_seed(before)
+    chosen = _resolve_layers(ticket, config.layers)
+    names = eligible_layers(ticket.mask, excluded_layers(ticket), chosen)
+    params = plan_embedding(ticket.mask, names, EccParams(config.ecc_symbols))
+    payload = key.sign(
+        payload_message(
+            owner=key.owner, created=created, fingerprint=before, toolkit_version=__version__
+        )
+    )
+    mask, _ = embed_signature(ticket, payload, seed, params)
+    changed = sum(int((mask[n] != ticket.mask[n]).sum()) for n in mask)
+    result = retrain(
+        ticket,
+        mask,
+        config.retrain,
+        device=device,
+        data_dir=data_dir,
+        download=download,
+        progress=progress,
+    )
+    metadata = dict(ticket.metadata)
+    accuracy = dict(metadata.get("accuracy") or {})
+    accuracy.update({"test": result.accuracy_after, "unsigned_test": result.accuracy_before})
+    accuracy.pop("val", None)
+    metadata["accuracy"] = accuracy
+    metadata["created"] = created
+    signed = Ticket(mask, result.trained, dict(ticket.rewind), metadata)
+    credential = make_credential(
+        key,
+        created=created,
+        fingerprint_before=before,
+        fingerprint_after=signed.fingerprint,
+        architecture={"name": ticket.architecture, "kwargs": ticket.architecture_kwargs},
+        embedding={**params.to_dict(), "retrain": config.retrain.to_dict()},
+        seed=seed,
+    )
+    if payload_of(credential) != payload:
+        raise EmbeddingError("the credential's payload differs from the embedded one")
+    signed.metadata["signature"] = {
+        "scheme": params.to_dict()["scheme"],
+        "owner": key.owner,
+        "key_id": key.public_key.key_id(),
+        "fingerprint_before": before,
+        "credential_sha256": _sha256(credential_bytes(credential)),
+    }
+    return SignResult(
+        signed,
+        credential,
+        seed,
+        params,
+        result.accuracy_before,
+        result.accuracy_after,
+        changed,
+        result.dataset,
+    )
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _resolve_layers(ticket: Ticket, patterns: Sequence[str] | None) -> list[str] | None:
+    if not patterns:
+        return None
+    from ticketguard.tickets.models import select_parameters
+
+    return select_parameters(ticket.build_model(), list(patterns))
+
+
+def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
+    """Return the signed ticket, credential and secret paths for `--out`."""
+    from ticketguard.tickets import paths
+
+    return paths.signed_outputs(Path(out))
+
+
+def write_signed(result: SignResult, out: str | Path, *, inputs: Sequence[str | Path] = ()) -> None:
+    """Write the signed ticket, its credential and the owner's secret; all three or none."""
+    from ticketguard.signatures.credential import write_credential
+
+    ticket_path, cred_path, secret_path = output_paths(out)
+    resolved_inputs = {Path(p).resolve() for p in inputs}
+    for path in (ticket_path, cred_path, secret_path):
+        if path.resolve() in resolved_inputs:
+            raise EmbeddingError(f"{path}: is an input; refusing to overwrite it")
+    written: list[Path] = []
+    try:
+        result.ticket.save(ticket_path)
+        written.append(ticket_path)
+        write_credential(cred_path, result.credential)
+        written.append(cred_path)
+        write_secret(
+            secret_path,
+            seed=result.seed,
+            credential_sha256=_sha256(credential_bytes(result.credential)),
+            fingerprint=result.ticket.fingerprint,
+        )
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
