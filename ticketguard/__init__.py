@@ -7,7 +7,19 @@ __version__ = "0.1.0"
 from ticketguard.tickets.mask import Mask  # noqa: E402
 from ticketguard.tickets.ticket import Ticket, load_ticket  # noqa: E402
 
-__all__ = ["Mask", "Ticket", "__version__", "load_ticket", "find_ticket", "load_checkpoint"]
+__all__ = [
+    "Mask",
+    "Ticket",
+    "__version__",
+    "find_ticket",
+    "keygen",
+    "load_checkpoint",
+    "load_ticket",
+    "sign",
+    "thin",
+    "verify",
+]
+_API = ("keygen", "sign", "thin", "verify")
 
 
 def __getattr__(name: str):
@@ -20,4 +32,8 @@ def __getattr__(name: str):
         from ticketguard.tickets.loading import load_checkpoint
 
         return load_checkpoint
+    if name in _API:
+        from ticketguard import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'ticketguard' has no attribute {name!r}")

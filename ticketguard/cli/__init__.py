@@ -8,6 +8,8 @@ from ticketguard import __version__
 from ticketguard.cli.find import find
 from ticketguard.cli.inspect import inspect
 from ticketguard.cli.keygen import keygen
+from ticketguard.cli.sign import sign, thin
+from ticketguard.cli.verify import verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -19,6 +21,9 @@ def cli() -> None:
 cli.add_command(find)
 cli.add_command(inspect)
 cli.add_command(keygen)
+cli.add_command(sign)
+cli.add_command(thin)
+cli.add_command(verify)
 
 
 def main() -> None:

@@ -80,6 +80,17 @@ def _print_human(report: dict[str, Any]) -> None:
     console.print(table)
     for note in report["notes"]:
         console.print(f"note: {note}", markup=False)
+    topology = report.get("topology")
+    if topology:
+        summary = topology["summary"]
+        line(
+            "topology",
+            f"{summary['n_nodes']:,} channel nodes, {summary['n_edges']:,} edges, "
+            f"10^{summary['log10_total_paths']:.1f} input-to-logit paths"
+            if summary.get("log10_total_paths") is not None
+            else f"{summary['n_nodes']:,} channel nodes, {summary['n_edges']:,} edges, no path",
+        )
+        line("graph", f"written to {topology['graphml']}")
 
 
 @click.command()
@@ -102,6 +113,14 @@ def _print_human(report: dict[str, Any]) -> None:
 @data_dir_option
 @download_option
 @device_option
+@click.option(
+    "--graph",
+    "graph_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="OUT.graphml",
+    help="Also trace the topology graph: write it as GraphML and report its statistics.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @library_errors
 def inspect(
@@ -112,6 +131,7 @@ def inspect(
     data_dir: str | None,
     download: bool,
     device: str,
+    graph_path: str | None,
     as_json: bool,
 ) -> None:
     """Show what FILE holds: architecture, sparsity per layer, fingerprint, metadata.
@@ -122,6 +142,7 @@ def inspect(
     \b
     Example:
       ticketguard inspect runs/digits/final.ticket --eval digits
+      ticketguard inspect runs/digits/final.ticket --graph ticket.graphml
     """
     kwargs = parse_kwargs(arch_arg, "--arch-arg") if arch_arg else None
     report = inspect_file(
@@ -133,6 +154,14 @@ def inspect(
         download=download,
         device=device,
     )
+    if graph_path is not None:
+        from pathlib import Path
+
+        from ticketguard.signatures.topology import file_topology
+
+        if Path(graph_path).resolve() == Path(file).resolve():
+            raise click.BadParameter("would overwrite FILE", param_hint="--graph")
+        report["topology"] = file_topology(file, arch=arch, arch_kwargs=kwargs, graphml=graph_path)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:

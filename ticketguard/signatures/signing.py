@@ -80,7 +80,7 @@ def embed_signature(
 def sign_ticket(
     ticket: Ticket,
     key: OwnerKey,
-    config: SignConfig = SignConfig(),
+    config: SignConfig | None = None,
     *,
     device: torch.device,
     created: str | None = None,
@@ -92,6 +92,7 @@ def sign_ticket(
     from ticketguard import __version__
     from ticketguard.tickets.finding import creation_time
 
+    config = config or SignConfig()
     if ticket.architecture is None:
         raise TicketFormatError("the ticket records no architecture; it cannot be signed")
     created = created or creation_time()

@@ -188,3 +188,60 @@ def graph_of_mask(
     """Build the topology graph of a mask on an architecture."""
     structure = ticket_structure(arch, num_classes, input_shape, kwargs)
     return topology_graph(structure, mask, weights)
+
+
+def file_topology(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    graphml: str | Path | None = None,
+    betweenness: str = "io",
+) -> dict[str, Any]:
+    """Trace the topology graph of any loadable model file; optionally write it as GraphML.
+
+    Returns per-layer connectivity densities and the graph statistics (degrees, input-to-logit
+    path counts, edge betweenness restricted to input->logit pairs).
+    """
+    from ticketguard.signatures.graphstats import topology_stats
+    from ticketguard.tickets.loading import load_checkpoint, load_model, observed_mask
+    from ticketguard.tickets.models import is_import_path, prunable_parameters
+
+    loaded = load_checkpoint(path)
+    recorded = loaded.architecture
+    if arch is None and (recorded is None or is_import_path(recorded)):
+        raise ArchitectureError(f"{path}: the topology graph needs the architecture; pass --arch")
+    model = load_model(loaded, arch, arch_kwargs=arch_kwargs, allow_import=arch is not None)
+    names = prunable_parameters(model)
+    if loaded.mask is not None:
+        mask, _ = observed_mask(loaded)
+    else:
+        mask, _ = observed_mask(loaded, names)
+    from ticketguard.signatures.structure import example_input, trace_structure
+    from ticketguard.tickets.models import default_input_shape
+
+    shape = loaded.metadata.get("input_shape") or default_input_shape(arch or recorded or "")
+    if shape is None:
+        raise ArchitectureError(f"{path}: the input shape is unknown for this architecture")
+    structure = trace_structure(model, example_input(shape))
+    graph = topology_graph(structure, mask, loaded.state)
+    stats = topology_stats(graph.adjacency, graph.sources, graph.targets, betweenness=betweenness)
+    layers = []
+    for layer in structure.layers.values():
+        conn = layer_connectivity(layer, mask, loaded.state)
+        layers.append(
+            {
+                "name": layer.name,
+                "connectivity": list(conn.shape),
+                "connections": int(conn.sum()),
+                "density": float(conn.float().mean()),
+            }
+        )
+    if graphml is not None:
+        graph.write_graphml(graphml)
+    return {
+        "summary": stats.summary(),
+        "layers": layers,
+        "notes": structure.notes,
+        "graphml": str(graphml) if graphml is not None else None,
+    }

@@ -1,0 +1,153 @@
+"""The Python API, mirroring the command line: keygen, sign, thin, verify (paths in, results out)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ticketguard.errors import ConfigError, RunStateError
+from ticketguard.signatures.keys import (
+    OwnerKey,
+    PublicKey,
+    generate_key,
+    read_private_key,
+    read_public_key,
+    write_keypair,
+)
+from ticketguard.signatures.signing import SignConfig, SignResult, sign_ticket, write_signed
+from ticketguard.signatures.thinning import ThinResult, thin_ticket
+from ticketguard.tickets.retrain import RetrainConfig
+from ticketguard.tickets.ticket import load_ticket
+from ticketguard.tickets.training import resolve_device
+from ticketguard.verify.verification import VerificationReport, VerifyConfig
+from ticketguard.verify.verification import verify as _verify
+
+
+def keygen(owner: str, out: str | Path, passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """Make an Ed25519 key pair: OUT.key (private, 0600) and OUT.pub."""
+    return write_keypair(generate_key(owner), out, passphrase)
+
+
+def _key(key: OwnerKey | str | Path, passphrase: bytes | None) -> OwnerKey:
+    return key if isinstance(key, OwnerKey) else read_private_key(key, passphrase)
+
+
+def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        raise RunStateError(f"{existing[0]} already exists; pass --force to replace it")
+
+
+def sign(
+    ticket: str | Path,
+    key: OwnerKey | str | Path,
+    out: str | Path,
+    *,
+    passphrase: bytes | None = None,
+    config: SignConfig | None = None,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> SignResult:
+    """Sign a ticket file; write the signed ticket, its credential and the owner's secret."""
+    from ticketguard.signatures.signing import output_paths
+
+    outputs = output_paths(out)
+    if Path(ticket).resolve() in {p.resolve() for p in outputs}:
+        raise RunStateError(f"{ticket}: --out would overwrite the input ticket")
+    _refuse_existing(outputs, force)
+    owner_key = _key(key, passphrase)
+    result = sign_ticket(
+        load_ticket(ticket),
+        owner_key,
+        config or SignConfig(),
+        device=resolve_device(device),
+        data_dir=data_dir,
+        download=download,
+        progress=progress,
+    )
+    write_signed(result, out, inputs=[ticket])
+    return result
+
+
+def thin(
+    ticket: str | Path,
+    paths: int,
+    out: str | Path,
+    *,
+    config: RetrainConfig | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ThinResult:
+    """Thin a ticket by removing `paths` magnitude-weighted paths, retrain it, write it to OUT."""
+    source = load_ticket(ticket)
+    out = Path(out)
+    if out.resolve() == Path(ticket).resolve():
+        raise RunStateError(f"{ticket}: --out would overwrite the input ticket")
+    _refuse_existing([out], force)
+    config = config or default_thin_config(source)
+    result = thin_ticket(
+        source,
+        paths,
+        config,
+        device=resolve_device(device),
+        seed=seed,
+        data_dir=data_dir,
+        download=download,
+        progress=progress,
+    )
+    result.ticket.save(out)
+    return result
+
+
+def default_thin_config(ticket: object) -> RetrainConfig:
+    """Retrain a thinned ticket like an IMP round: from the rewind point, the recorded schedule."""
+    meta = getattr(ticket, "metadata", {}) or {}
+    train = ((meta.get("finding") or {}).get("config") or {}).get("train") or {}
+    try:
+        epochs = int(train.get("epochs", 30))
+        lr = float(train.get("lr", 0.05))
+    except (TypeError, ValueError):
+        epochs, lr = 30, 0.05
+    return RetrainConfig(epochs=epochs, lr=lr, start="rewind")
+
+
+def verify(
+    suspect: str | Path,
+    *,
+    credential: str | Path | None = None,
+    key: OwnerKey | str | Path | None = None,
+    passphrase: bytes | None = None,
+    reveal: str | Path | None = None,
+    reference: str | Path | None = None,
+    public_key: PublicKey | str | Path | None = None,
+    null_tickets: Sequence[str | Path] = (),
+    config: VerifyConfig | None = None,
+) -> VerificationReport:
+    """Verify a suspect model file against a credential and/or a reference ticket."""
+    if credential is not None and key is None and reveal is None:
+        raise ConfigError(
+            "a credential needs the owner's key (--key) or the revealed seed (--reveal)"
+        )
+    owner_key = _key(key, passphrase) if key is not None else None
+    pinned = (
+        public_key
+        if isinstance(public_key, PublicKey) or public_key is None
+        else read_public_key(public_key)
+    )
+    return _verify(
+        suspect,
+        credential=credential,
+        key=owner_key,
+        reveal=reveal,
+        reference=reference,
+        public_key=pinned,
+        null_tickets=null_tickets,
+        config=config,
+    )

@@ -1,0 +1,266 @@
+"""`ticketguard sign` and `ticketguard thin`: write ownership evidence into a ticket."""
+
+from __future__ import annotations
+
+import click
+
+from ticketguard.cli._common import (
+    check_dataset,
+    data_dir_option,
+    device_option,
+    download_option,
+    library_errors,
+    percent,
+)
+from ticketguard.errors import ConfigError
+
+
+def _passphrase(passphrase_file: str | None) -> bytes | None:
+    from ticketguard.signatures.keys import passphrase_from
+
+    return passphrase_from(passphrase_file)
+
+
+def _retrain_config(epochs: int, lr: float, start: str, dataset: str | None, seed: int):
+    from ticketguard.tickets.retrain import RetrainConfig
+
+    try:
+        return RetrainConfig(epochs=epochs, lr=lr, start=start, dataset=dataset, seed=seed)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+dataset_option = click.option(
+    "--dataset",
+    default=None,
+    callback=check_dataset,
+    help="Data to retrain and measure on (default: the dataset the ticket records).",
+)
+force_option = click.option("--force", is_flag=True, help="Replace existing output files.")
+passphrase_option = click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File holding the key's passphrase (else $TICKETGUARD_PASSPHRASE).",
+)
+
+
+@click.command()
+@click.argument("ticket", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The owner's private key (from `ticketguard keygen`).",
+)
+@passphrase_option
+@click.option(
+    "--out",
+    required=True,
+    metavar="OUT.ticket",
+    help="Signed ticket; OUT.cred.json and OUT.secret.json are written beside it.",
+)
+@click.option(
+    "--layers",
+    multiple=True,
+    metavar="PATTERN",
+    help="Layers that carry bits (default: every pruned layer but the first conv and "
+    "the classifier). Repeatable; names or globs.",
+)
+@click.option(
+    "--ecc-symbols",
+    default=64,
+    show_default=True,
+    type=click.IntRange(2, 190),
+    help="Reed-Solomon parity bytes added to the 64-byte payload.",
+)
+@click.option(
+    "--recover-epochs",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Epochs of recovery training with the signed mask fixed.",
+)
+@click.option(
+    "--recover-lr",
+    default=0.01,
+    show_default=True,
+    type=float,
+    help="Learning rate of the recovery training.",
+)
+@click.option(
+    "--recover-from",
+    type=click.Choice(["trained", "rewind"]),
+    default="trained",
+    show_default=True,
+    help="Fine-tune the trained weights, or retrain from the rewind point.",
+)
+@click.option(
+    "--random-seed",
+    is_flag=True,
+    help="Draw the embedding seed at random instead of deriving it from the key "
+    "(then the secret file is the only way to verify).",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed of the recovery training."
+)
+@dataset_option
+@data_dir_option
+@download_option
+@device_option
+@force_option
+@library_errors
+def sign(
+    ticket: str,
+    key_path: str,
+    passphrase_file: str | None,
+    out: str,
+    layers: tuple[str, ...],
+    ecc_symbols: int,
+    recover_epochs: int,
+    recover_lr: float,
+    recover_from: str,
+    random_seed: bool,
+    seed: int,
+    dataset: str | None,
+    data_dir: str | None,
+    download: bool,
+    device: str,
+    force: bool,
+) -> None:
+    """Embed the owner's signature (scheme W2) into TICKET's mask and issue its credential.
+
+    Writes the signed ticket, its credential OUT.cred.json (public: give it with the model) and
+    OUT.secret.json (mode 0600: the embedding seed, for the owner and, later, a judge).
+    Per-layer weight counts are unchanged; accuracy is printed before and after.
+
+    \b
+    Example:
+      ticketguard sign runs/digits/final.ticket --key keys/alice.key --out signed.ticket
+    """
+    from ticketguard.api import sign as sign_file
+    from ticketguard.signatures.signing import SignConfig, output_paths
+
+    config = SignConfig(
+        layers=tuple(layers) or None,
+        ecc_symbols=ecc_symbols,
+        retrain=_retrain_config(recover_epochs, recover_lr, recover_from, dataset, seed),
+        random_seed=random_seed,
+    )
+    result = sign_file(
+        ticket,
+        key_path,
+        out,
+        passphrase=_passphrase(passphrase_file),
+        config=config,
+        device=device,
+        data_dir=data_dir,
+        download=download,
+        force=force,
+    )
+    ticket_path, cred_path, secret_path = output_paths(out)
+    layer_text = ", ".join(f"{layer.name} {layer.bits}" for layer in result.params.layers)
+    click.echo(
+        f"embedded {result.params.num_bits} bits ({layer_text}); "
+        f"{result.changed_connections} mask entries changed, weight counts unchanged"
+    )
+    click.echo(
+        f"accuracy on {result.dataset}: {percent(result.accuracy_before)} before signing, "
+        f"{percent(result.accuracy_after)} after"
+    )
+    click.echo(f"wrote {ticket_path}")
+    click.echo(f"wrote {cred_path} (credential: publish it with the model)")
+    click.echo(f"wrote {secret_path} (secret seed: keep it; reveal it only to a judge)")
+
+
+@click.command()
+@click.argument("ticket", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--paths",
+    "paths",
+    required=True,
+    type=click.IntRange(1),
+    help="Number of magnitude-weighted input-to-output paths to remove.",
+)
+@click.option(
+    "--out", required=True, metavar="OUT.ticket", help="Where to write the thinned ticket."
+)
+@click.option(
+    "--epochs",
+    default=None,
+    type=click.IntRange(0),
+    help="Retraining epochs (default: the ticket's recorded schedule).",
+)
+@click.option(
+    "--lr", default=None, type=float, help="Retraining learning rate (default: recorded)."
+)
+@click.option(
+    "--start",
+    type=click.Choice(["rewind", "trained"]),
+    default="rewind",
+    show_default=True,
+    help="Retrain from the rewind point, or fine-tune.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed of the walks and training."
+)
+@dataset_option
+@data_dir_option
+@download_option
+@device_option
+@force_option
+@library_errors
+def thin(
+    ticket: str,
+    paths: int,
+    out: str,
+    epochs: int | None,
+    lr: float | None,
+    start: str,
+    seed: int,
+    dataset: str | None,
+    data_dir: str | None,
+    download: bool,
+    device: str,
+    force: bool,
+) -> None:
+    """Make an extreme ticket: remove PATHS magnitude-weighted paths from TICKET, retrain it.
+
+    \b
+    Example:
+      ticketguard thin runs/digits/final.ticket --paths 200 --out extreme.ticket
+    """
+    from ticketguard.api import default_thin_config
+    from ticketguard.api import thin as thin_file
+    from ticketguard.tickets.ticket import load_ticket
+
+    base = default_thin_config(load_ticket(ticket))
+    config = _retrain_config(
+        base.epochs if epochs is None else epochs,
+        base.lr if lr is None else lr,
+        start,
+        dataset,
+        seed,
+    )
+    result = thin_file(
+        ticket,
+        paths,
+        out,
+        config=config,
+        seed=seed,
+        device=device,
+        data_dir=data_dir,
+        download=download,
+        force=force,
+    )
+    mask = result.ticket.mask
+    click.echo(
+        f"removed {result.walks} paths: {result.removed_kernels} connections, "
+        f"{result.removed_weights} weights; sparsity now {100 * mask.sparsity:.2f}%"
+    )
+    click.echo(
+        f"accuracy: {percent(result.accuracy_before)} before, "
+        f"{percent(result.accuracy_after)} after retraining"
+    )
+    click.echo(f"wrote {out}")

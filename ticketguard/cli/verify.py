@@ -1,0 +1,205 @@
+"""`ticketguard verify`: read the owner's evidence back from a suspect model and judge it."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ticketguard.errors import TicketGuardError
+
+#: Exit codes: the verdict is part of the interface, so scripts can branch on it.
+VERIFIED, NOT_VERIFIED, INPUT_ERROR = 0, 1, 2
+
+
+def _input_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Every library error in `verify` is a usage or input problem: one line, exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except TicketGuardError as exc:
+            error = click.ClickException(str(exc))
+            error.exit_code = INPUT_ERROR
+            raise error from None
+
+    return wrapper
+
+
+def _print_human(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False)
+    suspect = report["suspect"]
+    console.print(f"suspect       {suspect['path']}  ({suspect['format']})", markup=False)
+    cred = report.get("credential")
+    if cred:
+        state = "valid" if cred["valid"] else "INVALID"
+        console.print(
+            f"credential    {cred['path']}: {state}, owner {cred.get('owner')}, "
+            f"key {cred.get('key_id')}",
+            markup=False,
+        )
+    sources = sorted(set(report["mask_sources"].values()))
+    if sources:
+        console.print(f"mask          recovered from {', '.join(sources)}", markup=False)
+    if report.get("alignment"):
+        al = report["alignment"]
+        console.print(
+            f"alignment     {al['moved_channels']} channels moved onto the reference "
+            f"({al['sweeps']} sweeps)",
+            markup=False,
+        )
+    for problem in report["problems"]:
+        console.print(f"problem       {problem}", markup=False, style="red")
+    table = Table(title="evidence")
+    for col in ("evidence", "result", "p-value", "null / check"):
+        table.add_column(col)
+    for ev in report["evidence"]:
+        if ev["kind"] == "cryptographic":
+            p = "valid" if ev["valid"] else "invalid"
+            null = "Ed25519 signature under the credential's public key"
+        else:
+            p, null = ev["p"], ev["null"]
+        table.add_row(Text(ev["name"]), Text(ev["summary"]), Text(p), Text(null))
+    if report["evidence"]:
+        console.print(table)
+    verdict = report["verdict"]
+    console.print(
+        verdict["reason"], markup=False, style="bold green" if verdict["verified"] else "bold red"
+    )
+
+
+@click.command()
+@click.argument("suspect", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--credential",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The owner's credential (OUT.cred.json from `sign`).",
+)
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The owner's private key: derives the embedding seed (owner verification).",
+)
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File holding the key's passphrase (else $TICKETGUARD_PASSPHRASE).",
+)
+@click.option(
+    "--reveal",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The revealed secret file (OUT.secret.json): verification by a third party.",
+)
+@click.option(
+    "--public-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Require the credential to be signed by this public key (OWNER.pub).",
+)
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The owner's ticket: align channels to it and score topology (W1).",
+)
+@click.option(
+    "--null-ticket",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="An independently found ticket for the W1 null (repeatable; 2 or more).",
+)
+@click.option(
+    "--null-samples",
+    default=50,
+    show_default=True,
+    type=click.IntRange(2),
+    help="Random masks in the W1 null distribution.",
+)
+@click.option("--no-align", is_flag=True, help="Read by position only, without channel alignment.")
+@click.option(
+    "--alpha",
+    default=1e-6,
+    show_default=True,
+    type=float,
+    help="Significance level before the Bonferroni correction.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the W1 null.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_input_errors
+def verify(
+    suspect: str,
+    credential: str | None,
+    key_path: str | None,
+    passphrase_file: str | None,
+    reveal: str | None,
+    public_key: str | None,
+    reference: str | None,
+    null_ticket: tuple[str, ...],
+    null_samples: int,
+    no_align: bool,
+    alpha: float,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Verify who owns SUSPECT (any model file ticketguard reads; nothing in it is executed).
+
+    With a credential and the owner's key (or a revealed seed), the embedded W2 bits are read
+    and judged (binomial p-value) and decoded (Ed25519 check). With a reference ticket, channels
+    are aligned to it first and the W1 topology overlap is judged against random masks pushed
+    through the same alignment. Exit code: 0 verified, 1 not verified, 2 usage or input error.
+
+    \b
+    Examples:
+      ticketguard verify stolen.pth --credential signed.cred.json --key alice.key
+      ticketguard verify stolen.pth --credential signed.cred.json --reveal signed.secret.json \\
+          --reference signed.ticket
+      ticketguard verify suspect.pth --reference extreme.ticket
+    """
+    from ticketguard.api import verify as verify_file
+    from ticketguard.errors import ConfigError
+    from ticketguard.signatures.keys import passphrase_from
+    from ticketguard.verify.verification import VerifyConfig
+
+    if credential is None and reference is None:
+        raise click.UsageError("give --credential (with --key or --reveal), --reference, or both")
+    if credential is not None and key_path is None and reveal is None:
+        raise click.UsageError("--credential needs --key (the owner) or --reveal (a judge)")
+    if (key_path or reveal) and credential is None:
+        raise click.UsageError("--key and --reveal verify a credential: give --credential too")
+    if null_ticket and reference is None:
+        raise click.UsageError("--null-ticket needs --reference")
+    try:
+        config = VerifyConfig(alpha=alpha, null_samples=null_samples, seed=seed, align=not no_align)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--alpha") from None
+    passphrase = passphrase_from(passphrase_file) if key_path else None
+    report = verify_file(
+        suspect,
+        credential=credential,
+        key=key_path,
+        passphrase=passphrase,
+        reveal=reveal,
+        reference=reference,
+        public_key=public_key,
+        null_tickets=null_ticket,
+        config=config,
+    )
+    data = report.to_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        _print_human(data)
+    raise SystemExit(VERIFIED if report.verified else NOT_VERIFIED)

@@ -1,0 +1,367 @@
+"""Verify a suspect model against a credential (W2) and/or a reference ticket (W1).
+
+Each piece of evidence is reported with its statistic, its p-value and the null it was computed
+against; the verdict (verify/stats.py) applies Bonferroni over the statistical evidences tried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ticketguard.errors import ArchitectureError, ConfigError, EmbeddingError
+from ticketguard.signatures.credential import Credential, message_of, payload_of, read_credential
+from ticketguard.signatures.keys import OwnerKey, PublicKey
+from ticketguard.signatures.payload import embedded_bits, recover_payload
+from ticketguard.signatures.structure import ChannelStructure
+from ticketguard.signatures.w2 import W2Params, keyed_positions, position_matrices, read_bits
+from ticketguard.tickets.loading import LoadedCheckpoint, load_checkpoint
+from ticketguard.tickets.mask import Mask
+from ticketguard.tickets.ticket import Ticket, load_ticket
+from ticketguard.verify.alignment import align_masks, mask_overlap
+from ticketguard.verify.recovery import recover_mask
+from ticketguard.verify.stats import (
+    Evidence,
+    Verdict,
+    binomial_log10_tail,
+    empirical_p,
+    judge,
+    normal_log10_tail,
+)
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Verification settings: significance level, size of the W1 null, its seed, alignment."""
+
+    alpha: float = 1e-6
+    null_samples: int = 50
+    seed: int = 0
+    align: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.null_samples < 2:
+            raise ConfigError(f"the W1 null needs at least 2 samples, got {self.null_samples}")
+
+
+@dataclass
+class VerificationReport:
+    """Everything `verify` found: the inputs, each evidence, and the verdict."""
+
+    suspect: dict[str, Any]
+    evidences: list[Evidence]
+    verdict: Verdict
+    credential: dict[str, Any] | None = None
+    mask_sources: dict[str, str] = field(default_factory=dict)
+    alignment: dict[str, Any] | None = None
+    w1: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        return self.verdict.verified
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "suspect": self.suspect,
+            "credential": self.credential,
+            "mask_sources": self.mask_sources,
+            "alignment": self.alignment,
+            "w1": self.w1,
+            "problems": self.problems,
+            "evidence": [e.to_dict() for e in self.evidences],
+            "verdict": self.verdict.to_dict(),
+        }
+
+
+def _structure_of(ticket: Ticket) -> ChannelStructure:
+    from ticketguard.signatures.topology import ticket_structure
+
+    if ticket.architecture is None or ticket.num_classes is None:
+        raise ArchitectureError("the reference ticket records no architecture")
+    return ticket_structure(
+        ticket.architecture,
+        ticket.num_classes,
+        ticket.metadata.get("input_shape"),
+        ticket.architecture_kwargs,
+    )
+
+
+def _random_mask(
+    counts: Mapping[str, int], shapes: Mapping[str, torch.Size], gen: torch.Generator
+) -> Mask:
+    masks = {}
+    for name, count in counts.items():
+        numel = int(np.prod(shapes[name]))
+        flat = torch.zeros(numel, dtype=torch.bool)
+        flat[torch.randperm(numel, generator=gen)[:count]] = True
+        masks[name] = flat.view(shapes[name])
+    return Mask(masks)
+
+
+@dataclass
+class _Credential:
+    credential: Credential
+    params: W2Params | None
+    seed: bytes | None
+    problems: list[str]
+
+
+def _check_credential(
+    path: str | Path,
+    key: OwnerKey | None,
+    reveal: str | Path | None,
+    public_key: PublicKey | None,
+) -> _Credential:
+    from ticketguard.signatures.credential import seed_for
+
+    cred = read_credential(path)
+    problems = [f"credential invalid: {p}" for p in cred.problems]
+    params = seed = None
+    if cred.valid:
+        if public_key is not None:
+            problem = cred.check_public_key(public_key)
+            if problem:
+                problems.append(problem)
+        seed, problem = seed_for(cred, key=key, secret_path=reveal)
+        if problem:
+            problems.append(problem)
+            seed = None
+        try:
+            params = W2Params.from_dict(cred.document["embedding"])  # type: ignore[index]
+        except (EmbeddingError, ConfigError) as exc:
+            problems.append(str(exc))
+    return _Credential(cred, params, seed, problems)
+
+
+def verify(
+    suspect: str | Path | LoadedCheckpoint,
+    *,
+    credential: str | Path | None = None,
+    key: OwnerKey | None = None,
+    reveal: str | Path | None = None,
+    reference: str | Path | Ticket | None = None,
+    public_key: PublicKey | None = None,
+    null_tickets: Sequence[str | Path] = (),
+    config: VerifyConfig | None = None,
+) -> VerificationReport:
+    """Read the owner's evidence back from a suspect model and judge it."""
+    config = config or VerifyConfig()
+    if credential is None and reference is None:
+        raise ConfigError("give a credential (with --key or --reveal), a reference ticket, or both")
+    if credential is not None and key is None and reveal is None:
+        raise ConfigError(
+            "a credential needs the owner's key (--key) or the revealed seed (--reveal)"
+        )
+    loaded = suspect if isinstance(suspect, LoadedCheckpoint) else load_checkpoint(suspect)
+    ref = (
+        reference if isinstance(reference, Ticket) or reference is None else load_ticket(reference)
+    )
+
+    problems: list[str] = []
+    cred_info = None
+    checked: _Credential | None = None
+    if credential is not None:
+        checked = _check_credential(credential, key, reveal, public_key)
+        problems += checked.problems
+        doc = checked.credential.document or {}
+        cred_info = {
+            "path": str(credential),
+            "valid": checked.credential.valid,
+            "owner": doc.get("owner"),
+            "key_id": (
+                checked.credential.public_key.key_id() if checked.credential.public_key else None
+            ),
+            "fingerprint_after": doc.get("fingerprint_after"),
+            "problems": checked.problems,
+        }
+        if (
+            ref is not None
+            and checked.credential.valid
+            and doc.get("fingerprint_after") != ref.fingerprint
+        ):
+            problems.append("the reference ticket is not the ticket this credential was issued for")
+
+    usable = checked is not None and not checked.problems and checked.params is not None
+    params = checked.params if usable and checked else None
+    seed = checked.seed if usable and checked else None
+
+    counts: dict[str, int] = {}
+    if ref is not None:
+        counts.update({n: int(m.sum()) for n, m in ref.mask.items()})
+    if params is not None:
+        counts.update({layer.name: layer.surviving for layer in params.layers})
+    mask, sources = recover_mask(loaded, list(counts), counts)
+
+    positions = keyed_positions(seed, params) if params is not None and seed is not None else None
+    exclude = position_matrices(params, positions) if positions is not None and params else None
+
+    evidences: list[Evidence] = []
+    alignment_info = None
+    w1_info = None
+    read_mask: Mapping[str, torch.Tensor] = mask
+    if ref is not None:
+        missing = [n for n in ref.mask if n not in mask]
+        if missing:
+            raise ArchitectureError(
+                f"{loaded.path}: has no weight {missing[0]!r} of the reference ticket "
+                f"({len(missing)} layer(s) missing)"
+            )
+        for n in ref.mask:
+            if tuple(mask[n].shape) != tuple(ref.mask[n].shape):
+                raise ArchitectureError(
+                    f"{loaded.path}: {n!r} has shape {tuple(mask[n].shape)}, the reference "
+                    f"{tuple(ref.mask[n].shape)}"
+                )
+        structure = _structure_of(ref)
+        names = list(ref.mask)
+        if config.align:
+            alignment = align_masks(structure, ref.mask, mask, exclude=exclude)
+            read_mask = Mask(
+                {**dict(mask), **alignment.apply(structure, {n: mask[n] for n in names})}
+            )
+            alignment_info = {"moved_channels": alignment.moved, "sweeps": alignment.sweeps}
+        w1_evidence, w1_info = _w1(
+            structure, ref, read_mask, names, exclude, null_tickets, counts, config
+        )
+        evidences.append(w1_evidence)
+
+    if params is not None and seed is not None and checked is not None:
+        evidences += _w2(checked.credential, params, seed, positions or [], read_mask)
+
+    verdict = judge(evidences, config.alpha)
+    if problems and not evidences:
+        verdict = Verdict(
+            verified=False,
+            alpha=config.alpha,
+            threshold_log10=float(np.log10(config.alpha)),
+            tests=0,
+            decisive=[],
+            reason="not verified: " + "; ".join(problems),
+        )
+    suspect_info = {
+        "path": str(loaded.path),
+        "format": loaded.source_format,
+        "notes": list(loaded.notes),
+    }
+    return VerificationReport(
+        suspect_info, evidences, verdict, cred_info, sources, alignment_info, w1_info, problems
+    )
+
+
+def _w2(
+    credential: Credential,
+    params: W2Params,
+    seed: bytes,
+    positions: Sequence[np.ndarray],
+    mask: Mapping[str, torch.Tensor],
+) -> list[Evidence]:
+    doc = credential.document or {}
+    payload = payload_of(doc)
+    expected = embedded_bits(payload, seed, params.ecc)
+    bits, readable = read_bits(mask, params, positions)
+    n = int(readable.sum())
+    k = int(((bits == expected) & readable).sum())
+    log10_p = binomial_log10_tail(n, k, 0.5) if n else 0.0
+    missing = len(bits) - n
+    summary = f"{k}/{n} embedded bits match" + (f" ({missing} unreadable)" if missing else "")
+    bits_evidence = Evidence(
+        name="W2 bits",
+        kind="statistical",
+        summary=summary,
+        log10_p=log10_p,
+        null="Binomial(n, 1/2): each bit matches by chance",
+        details={"matched": k, "bits": n, "unreadable": missing},
+    )
+    decoded = recover_payload(bits, seed, params.ecc, erasures=~readable)
+    public = credential.public_key
+    valid = bool(
+        decoded is not None and public is not None and public.verify(decoded, message_of(doc))
+    )
+    if decoded is None:
+        summary = "the bits do not decode (too many errors for the Reed-Solomon code)"
+    elif valid:
+        summary = f"the decoded payload is {doc.get('owner')}'s valid Ed25519 signature"
+    else:
+        summary = "the decoded payload is not a valid signature of the credential's message"
+    payload_evidence = Evidence(
+        name="W2 payload",
+        kind="cryptographic",
+        summary=summary,
+        valid=valid,
+        details={"decoded": decoded is not None},
+    )
+    return [bits_evidence, payload_evidence]
+
+
+def _w1(
+    structure: ChannelStructure,
+    ref: Ticket,
+    suspect_mask: Mapping[str, torch.Tensor],
+    names: list[str],
+    exclude: Mapping[str, torch.Tensor] | None,
+    null_tickets: Sequence[str | Path],
+    counts: Mapping[str, int],
+    config: VerifyConfig,
+) -> tuple[Evidence, dict[str, Any]]:
+    score = mask_overlap(ref.mask, suspect_mask, names, exclude)
+    suspect_counts = {n: int(suspect_mask[n].sum()) for n in names}
+    shapes = {n: ref.mask[n].shape for n in names}
+    gen = torch.Generator().manual_seed(config.seed)
+    random_scores = []
+    for _ in range(config.null_samples):
+        null = _random_mask(suspect_counts, shapes, gen)
+        al = align_masks(structure, ref.mask, null, exclude=exclude) if config.align else None
+        aligned = al.apply(structure, dict(null)) if al is not None else null
+        random_scores.append(mask_overlap(ref.mask, aligned, names, exclude))
+    ticket_scores = []
+    for path in null_tickets:
+        other_loaded = load_checkpoint(path)
+        other, _ = recover_mask(other_loaded, names, counts)
+        if set(other) != set(names):
+            raise ArchitectureError(f"{path}: does not have every layer of the reference ticket")
+        al = align_masks(structure, ref.mask, other, exclude=exclude) if config.align else None
+        aligned = al.apply(structure, dict(other)) if al is not None else other
+        ticket_scores.append(mask_overlap(ref.mask, aligned, names, exclude))
+
+    def summarise(scores: list[float], label: str) -> dict[str, Any]:
+        mean, std = float(np.mean(scores)), float(np.std(scores, ddof=1))
+        log10_p = normal_log10_tail(score, mean, std) if std > 0 else None
+        return {
+            "null": label,
+            "samples": len(scores),
+            "mean": mean,
+            "std": std,
+            "log10_p_normal": log10_p,
+            "p_empirical": empirical_p(score, scores),
+        }
+
+    aligned_text = ", aligned the same way" if config.align else ""
+    nulls = [summarise(random_scores, f"random masks of equal per-layer density{aligned_text}")]
+    if len(ticket_scores) >= 2:
+        nulls.append(summarise(ticket_scores, f"independently found tickets{aligned_text}"))
+    chosen = nulls[-1]
+    log10_p = chosen["log10_p_normal"]
+    if log10_p is None:
+        log10_p = float(np.log10(chosen["p_empirical"]))
+    z = (score - chosen["mean"]) / chosen["std"] if chosen["std"] > 0 else None
+    info = {"score": score, "z": z, "nulls": nulls, "layers": names}
+    evidence = Evidence(
+        name="W1 topology",
+        kind="statistical",
+        summary=(
+            f"mask overlap {score:.4f} vs null {chosen['mean']:.4f} ± {chosen['std']:.4f}"
+            + (f" (z = {z:.1f})" if z is not None else "")
+        ),
+        log10_p=log10_p,
+        null=f"{chosen['null']} (normal fit; empirical p = {chosen['p_empirical']:.3g})",
+        details=info,
+    )
+    return evidence, info
