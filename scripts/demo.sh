@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ticketguard demo on the bundled digits data: find a ticket, then inspect it.
+# The ticketguard demo on the bundled digits data: find a ticket, sign it, verify it.
 # Re-running continues (or reuses) the previous run in the same folder.
 set -euo pipefail
 out=${1:-demo-out}
@@ -10,8 +10,41 @@ echo "== 1. Find a lottery ticket: 10 rounds of 20% global magnitude pruning on 
 "$tg" find --out "$out/run" --rounds 10 --rewind 1ep --resume
 
 echo
-echo "== 2. Inspect the ticket and measure its test accuracy =="
-"$tg" inspect "$out/run/final.ticket" --eval digits
+echo "== 2. Inspect the ticket, measure its test accuracy, export its topology graph =="
+"$tg" inspect "$out/run/final.ticket" --eval digits --graph "$out/ticket.graphml"
 
 echo
-echo "Run folder: $out/run (final.ticket, rounds/, log.json, config.json)"
+echo "== 3. Make the owner's key pair (kept if it exists) =="
+if [ -e "$out/alice.key" ]; then
+    echo "$out/alice.key exists; reusing it"
+else
+    "$tg" keygen --owner alice@example.org --out "$out/alice"
+fi
+
+echo
+echo "== 4. Sign the ticket: a 512-bit Ed25519 signature written into its mask topology (W2) =="
+"$tg" sign "$out/run/final.ticket" --key "$out/alice.key" --out "$out/signed.ticket" --force
+
+echo
+echo "== 5. The owner verifies the signed ticket with the private key =="
+"$tg" verify "$out/signed.ticket" --credential "$out/signed.cred.json" --key "$out/alice.key"
+
+echo
+echo "== 6. A judge verifies with the revealed seed and the owner's ticket (W2 + W1, aligned) =="
+"$tg" verify "$out/signed.ticket" --credential "$out/signed.cred.json" \
+    --reveal "$out/signed.secret.json" --reference "$out/signed.ticket" --public-key "$out/alice.pub"
+
+echo
+echo "== 7. The unsigned ticket does not carry the signature (exit code 1 expected) =="
+if "$tg" verify "$out/run/final.ticket" --credential "$out/signed.cred.json" --key "$out/alice.key"; then
+    echo "unexpected: the unsigned ticket verified" >&2
+    exit 1
+fi
+
+echo
+echo "== 8. An extreme ticket: remove 300 magnitude-weighted paths and retrain =="
+"$tg" thin "$out/signed.ticket" --paths 300 --out "$out/extreme.ticket" --force
+
+echo
+echo "Outputs in $out: run/ (final.ticket, rounds/, log.json), ticket.graphml, alice.key/.pub,"
+echo "signed.ticket, signed.cred.json, signed.secret.json, extreme.ticket"

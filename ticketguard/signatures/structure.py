@@ -194,7 +194,12 @@ class ChannelStructure:
         position[nodes[valid]] = valid
         gather = np.arange(len(nodes))
         if len(valid):
-            found = position[perm[nodes[valid]]]
+            source = perm[nodes[valid]]
+            found = position[source]
+            # A channel mapped onto itself stays where it is, even where it appears twice (a
+            # channel concatenated twice); `position` only knows its last occurrence.
+            stays = source == nodes[valid]
+            found[stays] = valid[stays]
             if (found < 0).any():
                 raise TopologyError(
                     "a permutation moves a channel outside its tensor (inconsistent structure)"

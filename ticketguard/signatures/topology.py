@@ -151,6 +151,10 @@ def topology_graph(
     row = np.concatenate(rows)
     col = np.concatenate(cols)
     kind = np.concatenate(kinds)
+    # An edge can be made twice (a channel added to itself, or read twice by one layer); keep
+    # its first kind rather than letting the sparse constructor sum the kinds into another one.
+    _, first = np.unique(row.astype(np.int64) * n + col, return_index=True)
+    row, col, kind = row[first], col[first], kind[first]
     edge_layer = sparse.csr_array((kind, (row, col)), shape=(n, n))
     edge_layer.sum_duplicates()
     adjacency = sparse.csr_array(
