@@ -58,6 +58,8 @@ def _print_human(report: dict[str, Any]) -> None:
         )
     for problem in report["problems"]:
         console.print(f"problem       {problem}", markup=False, style="red")
+    for note in report["notes"]:
+        console.print(f"note          {note}", markup=False)
     table = Table(title="evidence")
     for col in ("evidence", "result", "p-value", "null / check"):
         table.add_column(col)

@@ -63,6 +63,7 @@ class VerificationReport:
     alignment: dict[str, Any] | None = None
     w1: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def verified(self) -> bool:
@@ -76,6 +77,7 @@ class VerificationReport:
             "alignment": self.alignment,
             "w1": self.w1,
             "problems": self.problems,
+            "notes": self.notes,
             "evidence": [e.to_dict() for e in self.evidences],
             "verdict": self.verdict.to_dict(),
         }
@@ -166,6 +168,7 @@ def verify(
     )
 
     problems: list[str] = []
+    notes: list[str] = []
     cred_info = None
     checked: _Credential | None = None
     if credential is not None:
@@ -187,7 +190,7 @@ def verify(
             and checked.credential.valid
             and doc.get("fingerprint_after") != ref.fingerprint
         ):
-            problems.append("the reference ticket is not the ticket this credential was issued for")
+            notes.append("the reference ticket is not the ticket this credential was issued for")
 
     usable = checked is not None and not checked.problems and checked.params is not None
     params = checked.params if usable and checked else None
@@ -237,12 +240,14 @@ def verify(
         evidences += _w2(checked.credential, params, seed, positions or [], read_mask)
 
     verdict = judge(evidences, config.alpha)
-    if problems and not evidences:
+    if problems:
+        # A credential that fails its own checks discredits the claim made with it, whatever
+        # else the suspect shows; the other evidence is still reported.
         verdict = Verdict(
             verified=False,
             alpha=config.alpha,
-            threshold_log10=float(np.log10(config.alpha)),
-            tests=0,
+            threshold_log10=verdict.threshold_log10,
+            tests=verdict.tests,
             decisive=[],
             reason="not verified: " + "; ".join(problems),
         )
@@ -252,7 +257,15 @@ def verify(
         "notes": list(loaded.notes),
     }
     return VerificationReport(
-        suspect_info, evidences, verdict, cred_info, sources, alignment_info, w1_info, problems
+        suspect_info,
+        evidences,
+        verdict,
+        cred_info,
+        sources,
+        alignment_info,
+        w1_info,
+        problems,
+        notes,
     )
 
 
