@@ -78,7 +78,9 @@ def bench_resnet50(tmp: Path) -> dict[str, float]:
 
     payload = key.sign(
         payload_message(
-            owner=key.owner, created=created, fingerprint=ticket.fingerprint,
+            owner=key.owner,
+            created=created,
+            fingerprint=ticket.fingerprint,
             toolkit_version=__version__,
         )
     )

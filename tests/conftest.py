@@ -44,7 +44,7 @@ def _build_ticket(
     return Ticket(Mask(masks), trained, rewind, metadata)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_ticket() -> Callable[..., Ticket]:
     """Return a builder of small DigitsCNN tickets (keywords: seed, width, layers, keep)."""
     return _build_ticket

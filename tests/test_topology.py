@@ -117,17 +117,16 @@ def test_edge_count_is_connectivity_plus_links(arch, kwargs, shape) -> None:
     assert graph.num_nodes == structure.num_nodes
     assert graph.adjacency.shape == (structure.num_nodes, structure.num_nodes)
     assert set(np.unique(graph.adjacency.data).tolist()) == {1.0}
-    # Every layer edge runs from the layer's inputs to its outputs, as its connectivity says.
+    # Every edge is labelled with what made it: a link (1) or layer k (k + 2 in layer order).
+    expected_edges = {(int(u), int(v), 1) for u, v in structure.links.tolist()}
+    for index, layer in enumerate(structure.layers.values(), start=2):
+        o, i = np.nonzero(layer_connectivity(layer, mask, None).numpy())
+        keep = layer.in_nodes[i] >= 0
+        rows, cols = layer.in_nodes[i][keep], layer.out_start + o[keep]
+        expected_edges |= set(zip(rows.tolist(), cols.tolist(), [index] * len(rows), strict=True))
     coo = graph.edge_layer.tocoo()
-    names = ["link", *structure.layers]
-    for u, v, k in zip(coo.row, coo.col, coo.data, strict=True):
-        if k == 1:
-            continue
-        layer = structure.layers[names[k - 1]]
-        o = v - layer.out_start
-        assert 0 <= o < layer.out_channels
-        i = np.flatnonzero(layer.in_nodes == u)
-        assert layer_connectivity(layer, mask, None)[o, i].any()
+    got = set(zip(coo.row.tolist(), coo.col.tolist(), coo.data.tolist(), strict=True))
+    assert got == expected_edges
 
 
 def test_weights_zero_pattern_is_used_without_a_mask() -> None:
@@ -273,7 +272,9 @@ def test_file_topology_reports_per_layer_connectivity(ticket_file: Path, make_ti
 
 def test_inspect_graph_writes_graphml(ticket_file: Path, tmp_path: Path, make_ticket) -> None:
     out = tmp_path / "graphs" / "ticket.graphml"
-    result = CliRunner().invoke(cli, ["inspect", str(ticket_file), "--graph", str(out)])
+    result = CliRunner().invoke(
+        cli, ["inspect", str(ticket_file), "--graph", str(out)], env={"COLUMNS": "300"}
+    )
     assert result.exit_code == 0, result.output
     back = nx.read_graphml(out)
     ticket = make_ticket(width=4, keep=0.3)
@@ -312,7 +313,9 @@ def test_inspect_graph_of_a_plain_state_dict_needs_the_architecture(tmp_path: Pa
     torch.save(model.state_dict(), path)
     out = tmp_path / "w.graphml"
     result = CliRunner().invoke(cli, ["inspect", str(path), "--graph", str(out)])
-    assert result.exit_code != 0
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: {path}: the topology graph needs the architecture; pass --arch"]
     assert not out.exists()
     result = CliRunner().invoke(
         cli,

@@ -32,6 +32,11 @@ def __getattr__(name: str):
         from ticketguard.tickets.loading import load_checkpoint
 
         return load_checkpoint
+    if name == "verify":
+        # The sub-package of that name is callable (see ticketguard/verify/__init__.py).
+        import ticketguard.verify as verify_package
+
+        return verify_package
     if name in _API:
         from ticketguard import api
 

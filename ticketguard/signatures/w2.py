@@ -25,6 +25,8 @@ PAYLOAD_BYTES = 64
 #: At most this fraction of a connectivity matrix carries bits, so the count can be restored.
 MAX_LAYER_FRACTION = 0.25
 _MAX_NAME = 300
+#: Bound on a credential's connectivity shapes (VGG's 25088x4096 classifier has about 2^27).
+MAX_CONNECTIVITY_ENTRIES = 2**28
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class W2Params:
                 raise bad(f"shape of {name}")
             if not (isinstance(bits, int) and not isinstance(bits, bool)):
                 raise bad(f"bits of {name}")
+            if shape[0] * shape[1] > MAX_CONNECTIVITY_ENTRIES:
+                raise bad(f"shape of {name} is larger than any layer ticketguard reads")
             if not 0 < bits <= shape[0] * shape[1]:
                 raise bad(f"bits of {name}")
             if not (
@@ -142,8 +146,18 @@ def plan_embedding(mask: Mask, layers: Sequence[str], ecc: EccParams) -> W2Param
         m = mask[name]
         conn = channel_connectivity(m)
         count = int(m.sum())
+        kernel = m.numel() // conn.numel()
         shapes.append((int(conn.shape[0]), int(conn.shape[1])))
-        capacity.append(min(int(conn.numel() * MAX_LAYER_FRACTION), count, m.numel() - count))
+        # Worst cases of the count restoration: every bit 1 adds a weight that a survivor outside
+        # the positions must make up for; every bit 0 prunes a whole kernel that pruned entries
+        # outside the positions (which hold at most bits * kernel entries) must make up for.
+        capacity.append(
+            min(
+                int(conn.numel() * MAX_LAYER_FRACTION),
+                count // (kernel + 1),
+                (m.numel() - count) // (2 * kernel),
+            )
+        )
         surviving.append(count)
     total = sum(capacity)
     if total < n_bits:
