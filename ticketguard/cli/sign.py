@@ -129,7 +129,7 @@ def sign(
     device: str,
     force: bool,
 ) -> None:
-    """Embed the owner's signature (scheme W2) into TICKET's mask and issue its credential.
+    """Embed the owner's signature (W2) into TICKET's mask; issue its credential.
 
     Writes the signed ticket, its credential OUT.cred.json (public: give it with the model) and
     OUT.secret.json (mode 0600: the embedding seed, for the owner and, later, a judge).
@@ -225,7 +225,7 @@ def thin(
     device: str,
     force: bool,
 ) -> None:
-    """Make an extreme ticket: remove PATHS magnitude-weighted paths from TICKET, retrain it.
+    """Make an extreme ticket: remove magnitude-weighted paths, then retrain.
 
     \b
     Example:

@@ -156,7 +156,7 @@ def verify(
     seed: int,
     as_json: bool,
 ) -> None:
-    """Verify who owns SUSPECT (any model file ticketguard reads; nothing in it is executed).
+    """Verify who owns SUSPECT: any model file ticketguard reads (none of it runs).
 
     With a credential and the owner's key (or a revealed seed), the embedded W2 bits are read
     and judged (binomial p-value) and decoded (Ed25519 check). With a reference ticket, channels
