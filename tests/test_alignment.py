@@ -186,3 +186,36 @@ def test_mask_overlap_is_ochiai() -> None:
     sc["c"][0, 0] = False
     assert mask_overlap(rc, sc, ["c"], ec) == 1.0
     assert mask_overlap(rc, sc, ["c"]) < 1.0
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_invariant_statistics_ignore_permutations_and_see_differences(name: str) -> None:
+    from ticketguard.verify.verification import invariant_statistics
+
+    structure, shapes = _setup(name)
+    density = SETUPS[name][3]
+    names = list(shapes)
+    reference = _random_mask(shapes, density, seed=0)
+    permuted = Mask(
+        structure.permute_state(
+            dict(reference), structure.random_permutation(np.random.default_rng(2))
+        )
+    )
+    same = invariant_statistics(structure, reference, permuted, names)
+    for layer in same["layers"].values():
+        assert layer["out_degree_distance"] == 0.0
+        assert layer["in_degree_distance"] == 0.0
+    assert same["log10_paths"]["suspect"] == pytest.approx(
+        same["log10_paths"]["reference"], abs=1e-9
+    )
+    # Halving one layer's connections shows up in that layer's degrees and in the path count.
+    first = names[0]
+    thinner = dict(reference)
+    thinner[first] = reference[first] & (
+        torch.rand(shapes[first], generator=torch.Generator().manual_seed(3)) < 0.5
+    )
+    other = invariant_statistics(structure, reference, Mask(thinner), names)
+    assert other["layers"][first]["out_degree_distance"] > 0.05
+    assert other["log10_paths"]["suspect"] < other["log10_paths"]["reference"] - 0.05
+    for n in names[1:]:
+        assert other["layers"][n]["out_degree_distance"] == 0.0

@@ -365,7 +365,14 @@ def _w1(
     if log10_p is None:
         log10_p = float(np.log10(chosen["p_empirical"]))
     z = (score - chosen["mean"]) / chosen["std"] if chosen["std"] > 0 else None
-    info = {"score": score, "z": z, "nulls": nulls, "layers": names}
+    info = {
+        "score": score,
+        "z": z,
+        "nulls": nulls,
+        "layers": names,
+        "per_layer": {n: mask_overlap(ref.mask, suspect_mask, [n], exclude) for n in names},
+        "invariant": invariant_statistics(structure, ref.mask, suspect_mask, names),
+    }
     evidence = Evidence(
         name="W1 topology",
         kind="statistical",
@@ -378,3 +385,43 @@ def _w1(
         details=info,
     )
     return evidence, info
+
+
+def _degree_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Return the L1 distance of two sorted degree sequences, relative to their total mass."""
+    sa = torch.sort(a.double()).values
+    sb = torch.sort(b.double()).values
+    total = float(sa.sum() + sb.sum())
+    return float((sa - sb).abs().sum()) / total if total else 0.0
+
+
+def invariant_statistics(
+    structure: ChannelStructure,
+    reference: Mapping[str, torch.Tensor],
+    suspect: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+) -> dict[str, Any]:
+    """Compare topology statistics no channel permutation changes (no alignment needed).
+
+    Per layer: the relative L1 distance between sorted in- and out-degree sequences of the
+    channel-connectivity matrices (0 = identical). For the whole graph: log10 of the number of
+    input-to-logit paths of each. Reported beside W1, not judged: they have no null here.
+    """
+    from ticketguard.signatures.graphstats import path_counts
+    from ticketguard.signatures.topology import channel_connectivity, topology_graph
+
+    layers = {}
+    for n in names:
+        groups = structure.layers[n].groups if n in structure.layers else 1
+        a = channel_connectivity(reference[n].bool().cpu(), groups)
+        b = channel_connectivity(suspect[n].bool().cpu(), groups)
+        layers[n] = {
+            "out_degree_distance": _degree_distance(a.sum(1), b.sum(1)),
+            "in_degree_distance": _degree_distance(a.sum(0), b.sum(0)),
+        }
+    paths = {}
+    for label, mask in (("reference", reference), ("suspect", suspect)):
+        graph = topology_graph(structure, {n: mask[n] for n in names})
+        total = path_counts(graph.adjacency, graph.sources, graph.targets).log10_total
+        paths[label] = float(total) if np.isfinite(total) else None
+    return {"layers": layers, "log10_paths": paths}
