@@ -31,6 +31,7 @@ from ticketguard.signatures.topology import channel_connectivity
 from ticketguard.signatures.w2 import read_bits
 from ticketguard.tickets.loading import load_checkpoint
 from ticketguard.tickets.mask import Mask
+from ticketguard.tickets.models import build_model, default_pruned_parameters
 from ticketguard.tickets.retrain import RetrainConfig, starting_state
 from ticketguard.tickets.ticket import load_ticket
 from ticketguard.tickets.training import resolve_device
@@ -814,3 +815,34 @@ def test_library_keygen_sign_verify_round_trip(make_ticket, tmp_path: Path) -> N
     assert report.to_dict()["verdict"]["verified"] is True
     report = api.verify(ticket_path, credential=tmp_path / "signed.cred.json", key=key_path)
     assert not report.verified
+
+
+def test_a_walk_through_a_residual_network_moves_forward_one_path() -> None:
+    """On ResNet-20 a walk is one chain of kernels, each read by a later layer than the last.
+
+    A residual stream is read by the block that wrote it too; a walk that could go back to it
+    would loop until the stream's kernels ran out.
+    """
+    structure = structure_of("resnet20", 10, (3, 32, 32))
+    model = build_model("resnet20", 10)
+    state = model.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    names = default_pruned_parameters(model)
+    mask = Mask({n: torch.rand(state[n].shape, generator=gen) < 0.3 for n in names})
+    classes = structure.tie_class
+    order = list(structure.layers)
+    for seed in range(5):
+        new, walks = remove_paths(structure, mask, state, 1, np.random.default_rng(seed))
+        assert walks == 1
+        steps = []
+        for n in names:
+            removed = channel_connectivity(mask[n]) & ~channel_connectivity(new[n])
+            assert int(removed.sum()) <= 1, n
+            if removed.any():
+                o, i = (int(v) for v in torch.nonzero(removed)[0])
+                steps.append((order.index(n), n, o, i))
+        steps.sort()
+        assert len(steps) >= 2
+        for (_, a, o, _), (_, b, _, i) in zip(steps, steps[1:], strict=False):
+            out_class = classes[structure.layers[a].out_start + o]
+            assert classes[structure.layers[b].in_nodes[i]] == out_class, (a, b)

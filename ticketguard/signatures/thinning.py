@@ -47,6 +47,7 @@ def remove_paths(
     if paths < 0:
         raise ConfigError(f"--paths must be >= 0, got {paths}")
     names = [n for n in structure.layers if n in mask and structure.layers[n].groups == 1]
+    order = {n: i for i, n in enumerate(structure.layers)}
     if not names:
         raise EmbeddingError("the ticket has no pruned layer to thin")
     classes = structure.tie_class
@@ -69,8 +70,11 @@ def remove_paths(
     for _ in range(paths):
         current = int(starts[generator.integers(len(starts))])
         steps = 0
+        last = -1
         while True:
-            options = readers.get(current, [])
+            # Only layers after the last one walked: a residual stream is read by the block that
+            # wrote it too, and a walk must move towards the output.
+            options = [(n, cols) for n, cols in readers.get(current, []) if order[n] > last]
             choices: list[tuple[str, int, int]] = []
             weights_list: list[np.ndarray] = []
             for n, cols in options:
@@ -88,6 +92,7 @@ def remove_paths(
             steps += 1
             layer = structure.layers[n]
             current = int(classes[layer.out_start + o])
+            last = order[n]
         completed += int(steps > 0)
     new = dict(mask)
     for n in names:
