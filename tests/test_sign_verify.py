@@ -846,3 +846,92 @@ def test_a_walk_through_a_residual_network_moves_forward_one_path() -> None:
         for (_, a, o, _), (_, b, _, i) in zip(steps, steps[1:], strict=False):
             out_class = classes[structure.layers[a].out_start + o]
             assert classes[structure.layers[b].in_nodes[i]] == out_class, (a, b)
+
+
+def test_resnet20_permuted_signed_copy_verifies_only_with_alignment(tmp_path: Path) -> None:
+    """Residual streams (option-A shortcuts) move together under alignment, and W2 survives it."""
+    from ticketguard import __version__
+    from ticketguard.signatures.credential import (
+        make_credential,
+        payload_message,
+        write_credential,
+    )
+    from ticketguard.signatures.keys import generate_key
+    from ticketguard.signatures.payload import EccParams
+    from ticketguard.signatures.signing import excluded_layers
+    from ticketguard.signatures.w2 import eligible_layers, plan_embedding
+    from ticketguard.tickets.ticket import Ticket
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10)
+    rewind = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    mask = Mask(
+        {
+            n: torch.rand(rewind[n].shape, generator=gen) < 0.2
+            for n in default_pruned_parameters(model)
+        }
+    )
+    trained = {k: v.clone() for k, v in rewind.items()}
+    mask.apply_(trained)
+    meta = {
+        "architecture": {"name": "resnet20", "kwargs": {}},
+        "num_classes": 10,
+        "input_shape": [3, 32, 32],
+    }
+    ticket = Ticket(mask, trained, rewind, meta)
+    key = generate_key("erin@example.org")
+    params = plan_embedding(
+        ticket.mask, eligible_layers(ticket.mask, excluded_layers(ticket), None), EccParams(64)
+    )
+    seed = key.derive_seed(ticket.fingerprint)
+    created = "2026-01-01T00:00:00Z"
+    payload = key.sign(
+        payload_message(
+            owner=key.owner,
+            created=created,
+            fingerprint=ticket.fingerprint,
+            toolkit_version=__version__,
+        )
+    )
+    signed_mask, _ = embed_signature(ticket, payload, seed, params)
+    signed_state = starting_state(ticket, signed_mask, "trained")
+    signed = Ticket(signed_mask, signed_state, rewind, meta)
+    signed.save(tmp_path / "signed.ticket")
+    write_credential(
+        tmp_path / "signed.cred.json",
+        make_credential(
+            key,
+            created=created,
+            fingerprint_before=ticket.fingerprint,
+            fingerprint_after=signed.fingerprint,
+            architecture=meta["architecture"],
+            embedding=params.to_dict(),
+            seed=seed,
+        ),
+    )
+    structure = structure_of("resnet20", 10, (3, 32, 32))
+    perm = structure.random_permutation(np.random.default_rng(4))
+    stolen = structure.permute_state(signed.trained, perm)
+    torch.save(stolen, tmp_path / "stolen.pth")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    copy = build_model("resnet20", 10)
+    copy.load_state_dict(stolen)
+    with torch.no_grad():
+        torch.testing.assert_close(copy.eval()(x), signed.build_model()(x), rtol=1e-4, atol=1e-4)
+
+    config = VerifyConfig(null_samples=5)
+    cred = tmp_path / "signed.cred.json"
+    plain = verify(tmp_path / "stolen.pth", credential=cred, key=key, config=config)
+    assert not plain.verified
+    aligned = verify(
+        tmp_path / "stolen.pth",
+        credential=cred,
+        key=key,
+        reference=tmp_path / "signed.ticket",
+        config=config,
+    )
+    assert aligned.verified, aligned.verdict.reason
+    bits = next(e for e in aligned.evidences if e.name == "W2 bits")
+    assert bits.details["matched"] == bits.details["bits"]
+    assert next(e for e in aligned.evidences if e.name == "W2 payload").valid
