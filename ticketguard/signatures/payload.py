@@ -17,6 +17,7 @@ from ticketguard.errors import ConfigError, EmbeddingError
 
 __all__ = [
     "EccParams",
+    "KeyedStream",
     "codeword_bits",
     "decode_bits",
     "embedded_bits",
@@ -162,15 +163,65 @@ def keyed_bytes(seed: bytes, purpose: str, n: int) -> bytes:
         raise ConfigError("the purpose must be a non-empty string")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ConfigError(f"the number of bytes must be an integer >= 0, got {n!r}")
-    key = HKDF(
-        algorithm=hashes.SHA256(),
-        length=32,
-        salt=None,
-        info=b"ticketguard/" + purpose.encode("utf-8") + b"/1",
-    ).derive(bytes(seed))
-    # An all-zero nonce is safe here because every key serves exactly one purpose.
-    encryptor = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), mode=None).encryptor()
-    return encryptor.update(b"\x00" * n) + encryptor.finalize()
+    return KeyedStream(seed, purpose).read(n)
+
+
+class KeyedStream:
+    """The ChaCha20 keystream keyed by HKDF-SHA256(seed, purpose), read incrementally.
+
+    Everything drawn from it is specified here (not delegated to a library's sampler whose
+    algorithm may change between versions), so any implementation reproduces it exactly.
+    """
+
+    def __init__(self, seed: bytes, purpose: str):
+        if not isinstance(seed, bytes | bytearray) or len(seed) == 0:
+            raise ConfigError("the seed must be non-empty bytes")
+        if not isinstance(purpose, str) or not purpose:
+            raise ConfigError("the purpose must be a non-empty string")
+        key = HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=None,
+            info=b"ticketguard/" + purpose.encode("utf-8") + b"/1",
+        ).derive(bytes(seed))
+        # An all-zero nonce is safe here because every key serves exactly one purpose.
+        self._encryptor = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), mode=None).encryptor()
+
+    def read(self, n: int) -> bytes:
+        """Return the next `n` bytes of the keystream."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"the number of bytes must be an integer >= 0, got {n!r}")
+        return self._encryptor.update(b"\x00" * n)
+
+    def uniform(self, m: int) -> int:
+        """Return an integer uniform in [0, m).
+
+        Draws 8 bytes as a big-endian integer u, rejects u >= 2^64 - (2^64 mod m) and returns
+        u mod m (so there is no modulo bias).
+        """
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 < m <= 2**64:
+            raise ConfigError(f"the range must be an integer in [1, 2^64], got {m!r}")
+        limit = (2**64 // m) * m
+        while True:
+            u = int.from_bytes(self.read(8), "big")
+            if u < limit:
+                return u % m
+
+    def sample(self, population: int, k: int) -> np.ndarray:
+        """Return `k` distinct integers of range(population), in the order drawn.
+
+        The first `k` steps of a Fisher–Yates shuffle of 0..population-1, position i swapped
+        with i + uniform(population - i), kept sparse so a huge population costs nothing.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= population:
+            raise ConfigError(f"cannot draw {k!r} distinct values from {population!r}")
+        moved: dict[int, int] = {}
+        out = np.empty(k, dtype=np.int64)
+        for i in range(k):
+            j = i + self.uniform(population - i)
+            out[i] = moved.get(j, j)
+            moved[j] = moved.get(i, i)
+        return out
 
 
 def whitening_bits(seed: bytes, n: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ticketguard.errors import EmbeddingError
-from ticketguard.signatures.payload import EccParams, keyed_generator
+from ticketguard.signatures.payload import EccParams, KeyedStream
 from ticketguard.signatures.topology import channel_connectivity
 from ticketguard.tickets.mask import Mask
 
@@ -69,7 +69,7 @@ class W2Params:
             "bits": self.num_bits,
             "ecc": self.ecc.to_dict(),
             "whitening": "ChaCha20 keystream, key HKDF-SHA256(seed)",
-            "positions": "keyed PCG64, seed HKDF-SHA256(seed)",
+            "positions": "keyed Fisher-Yates over the ChaCha20 keystream, key HKDF-SHA256(seed)",
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -179,11 +179,8 @@ def plan_embedding(mask: Mask, layers: Sequence[str], ecc: EccParams) -> W2Param
 
 def keyed_positions(seed: bytes, params: W2Params) -> list[np.ndarray]:
     """Return, per layer, the flat connectivity indices that carry its bits (keyed, distinct)."""
-    gen = keyed_generator(seed, "W2 positions")
-    return [
-        gen.choice(layer.shape[0] * layer.shape[1], size=layer.bits, replace=False)
-        for layer in params.layers
-    ]
+    stream = KeyedStream(seed, "W2 positions")
+    return [stream.sample(layer.shape[0] * layer.shape[1], layer.bits) for layer in params.layers]
 
 
 def position_matrices(params: W2Params, positions: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
