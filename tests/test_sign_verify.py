@@ -402,8 +402,8 @@ def test_a_tampered_credential_discredits_even_strong_topology_evidence(
         ]
     )
     assert code == 1
-    # The topology evidence is still shown, and would be decisive on its own...
-    assert _evidence(report, "W1 topology")["log10_p"] < -30
+    # The topology evidence is still shown, far out in its null's tail...
+    assert _evidence(report, "W1 topology")["details"]["z"] > 30
     # ...but a credential that fails its own checks means not verified.
     assert report["credential"]["valid"] is False
     assert report["verdict"]["verified"] is False
@@ -535,7 +535,42 @@ def test_a_permuted_and_fine_tuned_copy_verifies_with_the_reference(
     names = [e.name for e in report.evidences]
     assert names == ["W1 topology", "W2 bits", "W2 payload"]
     assert report.evidences[1].details["matched"] >= 1000
-    assert report.evidences[0].log10_p < -6
+    # W1 is far out in the random-mask null's tail, but that null only gives an empirical p.
+    assert report.evidences[0].details["z"] > 100
+    assert report.evidences[0].log10_p == pytest.approx(np.log10(1 / 3))
+
+
+def test_w1_decides_only_against_independent_tickets(
+    owner: dict, make_ticket, tmp_path: Path
+) -> None:
+    """W1 alone: random masks never decide; four independently found tickets can."""
+    nulls = []
+    for seed in range(11, 15):
+        path = tmp_path / f"independent{seed}.ticket"
+        _owner_ticket(make_ticket, seed=seed).save(path)
+        nulls.append(path)
+    stolen = tmp_path / "stolen.pt"
+    torch.save(_permuted_state(owner, seed=2), stolen)
+    alone = api.verify(stolen, reference=owner["signed"], config=VerifyConfig(null_samples=20))
+    assert not alone.verified
+    assert alone.evidences[0].log10_p == pytest.approx(np.log10(1 / 21))
+    assert "cannot tell tickets found from the same initialisation apart" in alone.evidences[0].null
+    config = VerifyConfig(null_samples=3)
+    decided = api.verify(stolen, reference=owner["signed"], null_tickets=nulls, config=config)
+    assert decided.verified, decided.verdict.reason
+    assert "4 independently found tickets" in decided.evidences[0].null
+    assert "Student-t" in decided.evidences[0].null
+    other = tmp_path / "other.ticket"
+    _owner_ticket(make_ticket, seed=30).save(other)
+    unrelated = api.verify(other, reference=owner["signed"], null_tickets=nulls, config=config)
+    assert not unrelated.verified
+    assert unrelated.evidences[0].log10_p > -3
+    with pytest.raises(ConfigError, match="at least 2"):
+        api.verify(stolen, reference=owner["signed"], null_tickets=nulls[:1])
+    code = invoke(
+        ["verify", str(stolen), "--reference", str(owner["signed"]), "--null-ticket", str(nulls[0])]
+    ).exit_code
+    assert code == 2
 
 
 def test_verify_json_report_shape(owner: dict) -> None:
@@ -935,3 +970,35 @@ def test_resnet20_permuted_signed_copy_verifies_only_with_alignment(tmp_path: Pa
     bits = next(e for e in aligned.evidences if e.name == "W2 bits")
     assert bits.details["matched"] == bits.details["bits"]
     assert next(e for e in aligned.evidences if e.name == "W2 payload").valid
+
+
+def test_an_all_ones_explicit_mask_does_not_hide_the_signature(owner: dict, tmp_path: Path) -> None:
+    """The signed weights shipped as a prune checkpoint whose masks keep everything still verify."""
+    signed = load_ticket(owner["signed"])
+    state = {}
+    for name, tensor in signed.trained.items():
+        if name in signed.mask:
+            base = name[: -len(".weight")]
+            state[f"{base}.weight_orig"] = tensor.clone()
+            state[f"{base}.weight_mask"] = torch.ones_like(tensor)
+        else:
+            state[name] = tensor.clone()
+    path = tmp_path / "evade.pth"
+    torch.save({"state_dict": state}, path)
+    report = verify(path, credential=owner["cred"], key=read_private_key(owner["key"]))
+    assert report.verified, report.verdict.reason
+    bits = next(e for e in report.evidences if e.name == "W2 bits")
+    assert bits.details["matched"] == bits.details["bits"]
+    # The same weights quantised to int8 keep their zero pattern, hence the signature.
+    quantised = {
+        k: (v / v.abs().max().clamp_min(1e-12) * 127).round().to(torch.int8)
+        if k in signed.mask
+        else v
+        for k, v in signed.trained.items()
+    }
+    torch.save(quantised, tmp_path / "int8.pth")
+    report = verify(
+        tmp_path / "int8.pth", credential=owner["cred"], key=read_private_key(owner["key"])
+    )
+    assert next(e for e in report.evidences if e.name == "W2 bits").details["unreadable"] == 0
+    assert report.verified, report.verdict.reason

@@ -348,3 +348,27 @@ def test_verdict_to_dict_is_strict_json() -> None:
         "decisive": ["W2 bits"],
         "reason": verdict.reason,
     }
+
+
+def test_prediction_p_is_calibrated_even_with_two_null_samples() -> None:
+    from ticketguard.verify.stats import prediction_log10_tail
+
+    rng = np.random.default_rng(0)
+    trials = 4000
+    for n in (2, 5, 20):
+        hits = 0
+        for _ in range(trials):
+            null = rng.normal(3.0, 2.0, n)
+            if prediction_log10_tail(rng.normal(3.0, 2.0), null) < np.log10(0.05):
+                hits += 1
+        # 0.05 expected; 4 binomial standard deviations (0.0034 each) either way.
+        assert abs(hits / trials - 0.05) < 0.014, (n, hits)
+    # Few samples make a far-out score much less significant than a normal fit would.
+    few = prediction_log10_tail(100.0, [0.0, 1.0])
+    many = prediction_log10_tail(100.0, list(rng.normal(0.5, 0.7071, 50)))
+    assert -4 < few < -1
+    assert many < -40
+    with pytest.raises(ValueError):
+        prediction_log10_tail(1.0, [0.5])
+    with pytest.raises(ValueError):
+        prediction_log10_tail(1.0, [0.5, 0.5])

@@ -33,6 +33,9 @@ def _key(key: OwnerKey | str | Path, passphrase: bytes | None) -> OwnerKey:
 
 
 def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
+    blocked = [p for p in paths if p.exists() and not p.is_file()]
+    if blocked:
+        raise RunStateError(f"{blocked[0]} exists and is not a file; nothing was written")
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         raise RunStateError(f"{existing[0]} already exists; pass --force to replace it")

@@ -26,6 +26,16 @@ def _input_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             error = click.ClickException(str(exc))
             error.exit_code = INPUT_ERROR
             raise error from None
+        except (click.ClickException, click.exceptions.Exit, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            # An unforeseen failure must never exit 1, which scripts read as "not verified".
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            error = click.ClickException(
+                f"verification failed unexpectedly ({type(exc).__name__}: {first})"
+            )
+            error.exit_code = INPUT_ERROR
+            raise error from None
 
     return wrapper
 
@@ -161,13 +171,14 @@ def verify(
     With a credential and the owner's key (or a revealed seed), the embedded W2 bits are read
     and judged (binomial p-value) and decoded (Ed25519 check). With a reference ticket, channels
     are aligned to it first and the W1 topology overlap is judged against random masks pushed
-    through the same alignment. Exit code: 0 verified, 1 not verified, 2 usage or input error.
+    through the same alignment; W1 can decide only against --null-ticket tickets.
+    Exit code: 0 verified, 1 not verified, 2 usage or input error.
 
     \b
     Examples:
       ticketguard verify stolen.pth --credential signed.cred.json --key alice.key
       ticketguard verify stolen.pth --credential signed.cred.json --reveal signed.secret.json \\
-          --reference signed.ticket
+          --public-key alice.pub --reference signed.ticket
       ticketguard verify suspect.pth --reference extreme.ticket
     """
     from ticketguard.api import verify as verify_file
@@ -183,6 +194,8 @@ def verify(
         raise click.UsageError("--key and --reveal verify a credential: give --credential too")
     if null_ticket and reference is None:
         raise click.UsageError("--null-ticket needs --reference")
+    if len(null_ticket) == 1:
+        raise click.UsageError("--null-ticket needs at least 2 independently found tickets")
     try:
         config = VerifyConfig(alpha=alpha, null_samples=null_samples, seed=seed, align=not no_align)
     except ConfigError as exc:

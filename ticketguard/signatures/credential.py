@@ -290,11 +290,24 @@ def _document_problems(raw: bytes) -> tuple[dict[str, Any] | None, list[str]]:
     return parsed, problems
 
 
+#: Credentials and secret files are a few kilobytes; anything far larger is not one.
+MAX_FILE_BYTES = 1 << 20
+
+
+def _read_small(p: Path, what: str) -> bytes:
+    """Read a file of at most MAX_FILE_BYTES, or raise CredentialError."""
+    with p.open("rb") as f:
+        raw = f.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        raise CredentialError(f"{p}: larger than {MAX_FILE_BYTES} bytes, not a {what}")
+    return raw
+
+
 def read_credential(path: str | os.PathLike[str]) -> Credential:
     """Read and check a credential; only a missing or unreadable file raises CredentialError."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        raw = _read_small(p, "credential")
     except FileNotFoundError:
         raise CredentialError(f"{p}: no such file") from None
     except IsADirectoryError:
@@ -331,7 +344,7 @@ def read_secret(path: str | os.PathLike[str]) -> bytes:
     """Return the 32-byte embedding seed from a secret file; raise CredentialError if malformed."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        raw = _read_small(p, "secret file")
     except FileNotFoundError:
         raise CredentialError(f"{p}: no such file") from None
     except IsADirectoryError:

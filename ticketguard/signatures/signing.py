@@ -176,7 +176,13 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
 
 
 def write_signed(result: SignResult, out: str | Path, *, inputs: Sequence[str | Path] = ()) -> None:
-    """Write the signed ticket, its credential and the owner's secret; all three or none."""
+    """Write the signed ticket, its credential and the owner's secret; all three or none.
+
+    Each file is first written in full beside its target under a temporary name; only when all
+    three exist are they renamed into place, so a failure leaves earlier outputs untouched.
+    """
+    import secrets
+
     from ticketguard.signatures.credential import write_credential
 
     ticket_path, cred_path, secret_path = output_paths(out)
@@ -184,19 +190,26 @@ def write_signed(result: SignResult, out: str | Path, *, inputs: Sequence[str | 
     for path in (ticket_path, cred_path, secret_path):
         if path.resolve() in resolved_inputs:
             raise EmbeddingError(f"{path}: is an input; refusing to overwrite it")
-    written: list[Path] = []
+        if path.exists() and not path.is_file():
+            raise EmbeddingError(f"{path}: exists and is not a file; nothing was written")
+    tag = secrets.token_hex(6)
+    staged = [p.with_name(f".{p.name}.{tag}.staged") for p in (ticket_path, cred_path, secret_path)]
     try:
-        result.ticket.save(ticket_path)
-        written.append(ticket_path)
-        write_credential(cred_path, result.credential)
-        written.append(cred_path)
+        result.ticket.save(staged[0])
+        write_credential(staged[1], result.credential)
         write_secret(
-            secret_path,
+            staged[2],
             seed=result.seed,
             credential_sha256=_sha256(credential_bytes(result.credential)),
             fingerprint=result.ticket.fingerprint,
         )
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+        for tmp, final in zip(staged, (ticket_path, cred_path, secret_path), strict=True):
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                raise EmbeddingError(
+                    f"{final}: cannot be written ({exc.strerror or exc})"
+                ) from None
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Recover a suspect's mask: explicit masks, else the zero pattern, else the top magnitudes."""
+"""Recover a suspect's mask: explicit masks and the zero pattern, else the top magnitudes."""
 
 from __future__ import annotations
 
@@ -29,26 +29,30 @@ def recover_mask(
 ) -> tuple[Mask, dict[str, str]]:
     """Return the suspect's mask over the `names` it has, and where each layer's mask came from.
 
-    An explicit mask wins. Otherwise the zero pattern is the mask, unless it keeps more weights
-    than `counts` says the layer had (the suspect was densely fine-tuned or regrown): then the
-    top-`count` magnitudes are.
+    A weight counts as present where it is non-zero and, if the file has an explicit mask, the
+    mask keeps it: an explicit mask can hide entries but cannot revive zeros (an all-ones mask
+    over the signed weights computes the same function and must not erase the signature). If
+    that keeps more weights than `counts` says the layer had (the suspect was densely fine-tuned
+    or regrown), the top-`count` magnitudes are the mask. Integer (quantised) weights count too.
     """
     masks: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
     for name in names:
-        if loaded.mask is not None and name in loaded.mask:
-            masks[name] = loaded.mask[name].cpu()
-            sources[name] = EXPLICIT
-            continue
         weight = loaded.state.get(name)
-        if weight is None or not weight.is_floating_point() or weight.dim() < 2:
+        if weight is None or weight.dim() < 2 or weight.dtype == torch.bool:
             continue
-        observed = weight != 0
+        observed = (weight != 0).cpu()
+        source = ZERO_PATTERN
+        if loaded.mask is not None and name in loaded.mask:
+            explicit = loaded.mask[name].cpu()
+            if explicit.shape == observed.shape:
+                observed = observed & explicit
+                source = EXPLICIT
         expected = None if counts is None else counts.get(name)
         if expected is not None and int(observed.sum()) > expected:
-            masks[name] = top_magnitude(weight, expected)
+            masks[name] = top_magnitude(weight.float() * observed, expected)
             sources[name] = TOP_MAGNITUDE
         else:
-            masks[name] = observed.cpu()
-            sources[name] = ZERO_PATTERN
+            masks[name] = observed
+            sources[name] = source
     return Mask(masks), sources

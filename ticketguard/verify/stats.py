@@ -113,6 +113,28 @@ def normal_log10_tail(score: float, mean: float, std: float) -> float:
     return min(float(norm.logsf(z)) / _LN10, 0.0)
 
 
+def prediction_log10_tail(score: float, null_scores: Sequence[float]) -> float:
+    """Return log10 of the Student-t prediction p-value of `score` against a small null sample.
+
+    If the N null scores and the score (under H0) are independent draws from one normal
+    distribution, T = (score - mean) / (s * sqrt(1 + 1/N)) follows Student's t with N - 1
+    degrees of freedom exactly, so P(t_{N-1} >= T) is calibrated however small N is: with few
+    null samples its tail is heavy and it takes an extreme score to reach a tiny p-value.
+    Needs N >= 2 and a null with spread (ValueError otherwise).
+    """
+    from scipy.stats import t as student_t
+
+    score = _as_finite(score, "score")
+    null = np.asarray(null_scores, dtype=np.float64).reshape(-1)
+    if null.size < 2 or not np.all(np.isfinite(null)):
+        raise ValueError("a prediction p-value needs at least 2 finite null scores")
+    std = float(np.std(null, ddof=1))
+    if std <= 0.0:
+        raise ValueError("the null scores have no spread; use empirical_p")
+    statistic = (score - float(np.mean(null))) / (std * math.sqrt(1.0 + 1.0 / null.size))
+    return min(float(student_t.logsf(statistic, null.size - 1)) / _LN10, 0.0)
+
+
 def empirical_p(score: float, null_scores: Sequence[float]) -> float:
     """Return the add-one empirical p-value (1 + #{null >= score}) / (1 + N), never 0."""
     score = _as_finite(score, "score")
