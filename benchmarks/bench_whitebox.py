@@ -23,14 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ticketguard.signatures.credential import make_credential, write_credential
+from ticketguard.signatures.credential import write_credential
 from ticketguard.signatures.graphstats import edge_betweenness, topology_stats
 from ticketguard.signatures.keys import generate_key
-from ticketguard.signatures.payload import EccParams
-from ticketguard.signatures.signing import embed_signature, excluded_layers
+from ticketguard.signatures.signing import sign_without_data
 from ticketguard.signatures.structure import example_input, trace_structure
 from ticketguard.signatures.topology import topology_graph
-from ticketguard.signatures.w2 import eligible_layers, plan_embedding
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.models import build_model, default_pruned_parameters
 from ticketguard.tickets.ticket import Ticket
@@ -69,38 +67,8 @@ def _median(fn, repeats: int = REPEATS) -> tuple[float, object]:
 def bench_resnet50(tmp: Path) -> dict[str, float]:
     ticket = _random_ticket("resnet50", (3, 224, 224), 0.10)
     key = generate_key("bench@example.org")
-    names = eligible_layers(ticket.mask, excluded_layers(ticket), None)
-    params = plan_embedding(ticket.mask, names, EccParams(64))
-    seed = key.derive_seed(ticket.fingerprint)
-    created = "2026-01-01T00:00:00Z"
-    from ticketguard import __version__
-    from ticketguard.signatures.credential import payload_message
-
-    payload = key.sign(
-        payload_message(
-            owner=key.owner,
-            created=created,
-            fingerprint=ticket.fingerprint,
-            toolkit_version=__version__,
-        )
-    )
-    mask, _ = embed_signature(ticket, payload, seed, params)
-    trained = dict(ticket.trained)
-    for n in mask:
-        revived = mask[n] & ~ticket.mask[n]
-        trained[n] = trained[n].clone()
-        trained[n][revived] = ticket.rewind[n][revived]
-    mask.apply_(trained)
-    signed = Ticket(mask, trained, ticket.rewind, ticket.metadata)
-    credential = make_credential(
-        key,
-        created=created,
-        fingerprint_before=ticket.fingerprint,
-        fingerprint_after=signed.fingerprint,
-        architecture={"name": "resnet50", "kwargs": {}},
-        embedding=params.to_dict(),
-        seed=seed,
-    )
+    result = sign_without_data(ticket, key, created="2026-01-01T00:00:00Z")
+    signed, credential, params = result.ticket, result.credential, result.params
     cred_path = tmp / "r50.cred.json"
     write_credential(cred_path, credential)
     from safetensors.torch import save_file

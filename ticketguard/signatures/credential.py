@@ -295,9 +295,16 @@ MAX_FILE_BYTES = 1 << 20
 
 
 def _read_small(p: Path, what: str) -> bytes:
-    """Read a file of at most MAX_FILE_BYTES, or raise CredentialError."""
-    with p.open("rb") as f:
-        raw = f.read(MAX_FILE_BYTES + 1)
+    """Read a file of at most MAX_FILE_BYTES, or raise CredentialError with one line."""
+    try:
+        with p.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise CredentialError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise CredentialError(f"{p} is a directory, not a {what}") from None
+    except OSError as exc:
+        raise CredentialError(f"cannot read {p}: {exc.strerror or exc}") from None
     if len(raw) > MAX_FILE_BYTES:
         raise CredentialError(f"{p}: larger than {MAX_FILE_BYTES} bytes, not a {what}")
     return raw
@@ -306,14 +313,7 @@ def _read_small(p: Path, what: str) -> bytes:
 def read_credential(path: str | os.PathLike[str]) -> Credential:
     """Read and check a credential; only a missing or unreadable file raises CredentialError."""
     p = Path(path)
-    try:
-        raw = _read_small(p, "credential")
-    except FileNotFoundError:
-        raise CredentialError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise CredentialError(f"{p} is a directory, not a credential") from None
-    except OSError as exc:
-        raise CredentialError(f"cannot read {p}: {exc.strerror or exc}") from None
+    raw = _read_small(p, "credential")
     document, problems = _document_problems(raw)
     return Credential(p, raw, document, problems)
 
@@ -343,14 +343,7 @@ def write_secret(
 def read_secret(path: str | os.PathLike[str]) -> bytes:
     """Return the 32-byte embedding seed from a secret file; raise CredentialError if malformed."""
     p = Path(path)
-    try:
-        raw = _read_small(p, "secret file")
-    except FileNotFoundError:
-        raise CredentialError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise CredentialError(f"{p} is a directory, not a secret file") from None
-    except OSError as exc:
-        raise CredentialError(f"cannot read {p}: {exc.strerror or exc}") from None
+    raw = _read_small(p, "secret file")
     try:
         document = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):

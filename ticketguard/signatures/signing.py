@@ -29,7 +29,7 @@ from ticketguard.signatures.w2 import (
     write_bits,
 )
 from ticketguard.tickets.mask import Mask
-from ticketguard.tickets.retrain import RetrainConfig, retrain
+from ticketguard.tickets.retrain import RetrainConfig, retrain, starting_state
 from ticketguard.tickets.ticket import Ticket
 
 
@@ -77,18 +77,22 @@ def embed_signature(
     return mask, bits
 
 
-def sign_ticket(
-    ticket: Ticket,
-    key: OwnerKey,
-    config: SignConfig | None = None,
-    *,
-    device: torch.device,
-    created: str | None = None,
-    data_dir: str | Path | None = None,
-    download: bool = False,
-    progress: Callable[[int], None] | None = None,
-) -> SignResult:
-    """Embed `key`'s signature into `ticket`, retrain with the new mask fixed, make the credential."""
+@dataclass(frozen=True)
+class Embedding:
+    """The owner's signature written into a ticket's mask, before any retraining."""
+
+    mask: Mask
+    payload: bytes
+    seed: bytes
+    params: W2Params
+    created: str
+    changed_connections: int
+
+
+def embed_owner_signature(
+    ticket: Ticket, key: OwnerKey, config: SignConfig | None = None, *, created: str | None = None
+) -> Embedding:
+    """Choose the seed and layers, sign the payload message and write it into the mask (pure)."""
     from ticketguard import __version__
     from ticketguard.tickets.finding import creation_time
 
@@ -108,50 +112,105 @@ def sign_ticket(
     )
     mask, _ = embed_signature(ticket, payload, seed, params)
     changed = sum(int((mask[n] != ticket.mask[n]).sum()) for n in mask)
+    return Embedding(mask, payload, seed, params, created, changed)
+
+
+def issue_signed(
+    ticket: Ticket,
+    key: OwnerKey,
+    embedding: Embedding,
+    trained: dict[str, torch.Tensor],
+    retrain_config: RetrainConfig,
+    *,
+    accuracy_before: float | None = None,
+    accuracy_after: float | None = None,
+    dataset: str | None = None,
+) -> SignResult:
+    """Assemble the signed ticket from its (retrained) weights and issue its credential."""
+    metadata = dict(ticket.metadata)
+    accuracy = dict(metadata.get("accuracy") or {})
+    if accuracy_after is not None or accuracy_before is not None:
+        accuracy.update({"test": accuracy_after, "unsigned_test": accuracy_before})
+    accuracy.pop("val", None)
+    metadata["accuracy"] = accuracy
+    metadata["created"] = embedding.created
+    signed = Ticket(embedding.mask, trained, dict(ticket.rewind), metadata)
+    credential = make_credential(
+        key,
+        created=embedding.created,
+        fingerprint_before=ticket.fingerprint,
+        fingerprint_after=signed.fingerprint,
+        architecture={"name": ticket.architecture, "kwargs": ticket.architecture_kwargs},
+        embedding={**embedding.params.to_dict(), "retrain": retrain_config.to_dict()},
+        seed=embedding.seed,
+    )
+    if payload_of(credential) != embedding.payload:
+        raise EmbeddingError("the credential's payload differs from the embedded one")
+    signed.metadata["signature"] = {
+        "scheme": embedding.params.to_dict()["scheme"],
+        "owner": key.owner,
+        "key_id": key.public_key.key_id(),
+        "fingerprint_before": ticket.fingerprint,
+        "credential_sha256": _sha256(credential_bytes(credential)),
+    }
+    return SignResult(
+        signed,
+        credential,
+        embedding.seed,
+        embedding.params,
+        accuracy_before,
+        accuracy_after,
+        embedding.changed_connections,
+        dataset,
+    )
+
+
+def sign_ticket(
+    ticket: Ticket,
+    key: OwnerKey,
+    config: SignConfig | None = None,
+    *,
+    device: torch.device,
+    created: str | None = None,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> SignResult:
+    """Embed `key`'s signature into `ticket`, retrain with the new mask fixed, make the credential."""
+    config = config or SignConfig()
+    embedding = embed_owner_signature(ticket, key, config, created=created)
     result = retrain(
         ticket,
-        mask,
+        embedding.mask,
         config.retrain,
         device=device,
         data_dir=data_dir,
         download=download,
         progress=progress,
     )
-    metadata = dict(ticket.metadata)
-    accuracy = dict(metadata.get("accuracy") or {})
-    accuracy.update({"test": result.accuracy_after, "unsigned_test": result.accuracy_before})
-    accuracy.pop("val", None)
-    metadata["accuracy"] = accuracy
-    metadata["created"] = created
-    signed = Ticket(mask, result.trained, dict(ticket.rewind), metadata)
-    credential = make_credential(
+    return issue_signed(
+        ticket,
         key,
-        created=created,
-        fingerprint_before=before,
-        fingerprint_after=signed.fingerprint,
-        architecture={"name": ticket.architecture, "kwargs": ticket.architecture_kwargs},
-        embedding={**params.to_dict(), "retrain": config.retrain.to_dict()},
-        seed=seed,
+        embedding,
+        result.trained,
+        config.retrain,
+        accuracy_before=result.accuracy_before,
+        accuracy_after=result.accuracy_after,
+        dataset=result.dataset,
     )
-    if payload_of(credential) != payload:
-        raise EmbeddingError("the credential's payload differs from the embedded one")
-    signed.metadata["signature"] = {
-        "scheme": params.to_dict()["scheme"],
-        "owner": key.owner,
-        "key_id": key.public_key.key_id(),
-        "fingerprint_before": before,
-        "credential_sha256": _sha256(credential_bytes(credential)),
-    }
-    return SignResult(
-        signed,
-        credential,
-        seed,
-        params,
-        result.accuracy_before,
-        result.accuracy_after,
-        changed,
-        result.dataset,
-    )
+
+
+def sign_without_data(
+    ticket: Ticket, key: OwnerKey, config: SignConfig | None = None, *, created: str | None = None
+) -> SignResult:
+    """Sign without retraining or data: switched-on entries take their rewind values.
+
+    For benchmarks and tests on architectures whose data is not at hand; a real ticket should be
+    signed with `sign_ticket`, whose recovery training keeps its accuracy.
+    """
+    embedding = embed_owner_signature(ticket, key, config, created=created)
+    trained = starting_state(ticket, embedding.mask, "trained")
+    return issue_signed(ticket, key, embedding, trained, RetrainConfig(epochs=0))
 
 
 def _sha256(data: bytes) -> str:
