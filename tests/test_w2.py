@@ -460,3 +460,14 @@ def test_params_from_dict_fuzz_raises_only_library_errors() -> None:
         accepted += 1
         assert params.num_bits == 8 * (64 + params.ecc.nsym)
     assert 0 < accepted < 100  # some mutations keep a valid dict; most do not
+
+
+def test_from_dict_refuses_another_position_or_whitening_method(make_ticket) -> None:
+    _, params = _params(make_ticket)
+    for field, value in (("positions", "keyed PCG64, seed HKDF-SHA256(seed)"), ("whitening", "x")):
+        data = params.to_dict()
+        data[field] = value
+        with pytest.raises(
+            EmbeddingError, match=f"{field} .* is not the method this version reads"
+        ):
+            W2Params.from_dict(data)

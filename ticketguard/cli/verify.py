@@ -26,7 +26,11 @@ def _input_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             error = click.ClickException(str(exc))
             error.exit_code = INPUT_ERROR
             raise error from None
-        except (click.ClickException, click.exceptions.Exit, SystemExit, KeyboardInterrupt):
+        except KeyboardInterrupt:
+            # Interrupted is not "not verified" (exit 1): use the shell's code for SIGINT.
+            click.echo("Aborted.", err=True)
+            raise SystemExit(130) from None
+        except (click.ClickException, click.exceptions.Exit, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001
             # An unforeseen failure must never exit 1, which scripts read as "not verified".
@@ -78,7 +82,7 @@ def _print_human(report: dict[str, Any]) -> None:
             p = "valid" if ev["valid"] else "invalid"
             null = "Ed25519 signature under the credential's public key"
         else:
-            p, null = ev["p"], ev["null"]
+            p, null = ev["p"] or "not judged", ev["null"]
         table.add_row(Text(ev["name"]), Text(ev["summary"]), Text(p), Text(null))
     if report["evidence"]:
         console.print(table)

@@ -129,9 +129,11 @@ def issue_signed(
     """Assemble the signed ticket from its (retrained) weights and issue its credential."""
     metadata = dict(ticket.metadata)
     accuracy = dict(metadata.get("accuracy") or {})
-    if accuracy_after is not None or accuracy_before is not None:
-        accuracy.update({"test": accuracy_after, "unsigned_test": accuracy_before})
+    unsigned = accuracy_before if accuracy_before is not None else accuracy.get("test")
+    # A signed ticket that was not measured records no accuracy of its own.
+    accuracy.update({"test": accuracy_after, "unsigned_test": unsigned})
     accuracy.pop("val", None)
+    trained = _nonzero_inside(trained, embedding.mask)
     metadata["accuracy"] = accuracy
     metadata["created"] = embedding.created
     signed = Ticket(embedding.mask, trained, dict(ticket.rewind), metadata)
@@ -211,6 +213,27 @@ def sign_without_data(
     embedding = embed_owner_signature(ticket, key, config, created=created)
     trained = starting_state(ticket, embedding.mask, "trained")
     return issue_signed(ticket, key, embedding, trained, RetrainConfig(epochs=0))
+
+
+def _nonzero_inside(trained: dict[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
+    """Give every kept weight that is exactly zero a tiny value (1e-3 of the layer's RMS).
+
+    A copy of the weights carries the mask only as its zero pattern, so a kept weight must not
+    be zero (a switched-on entry with no rewind value, or one on a path training never moved);
+    the nudge changes the function by far less than training noise.
+    """
+    result = dict(trained)
+    for name, m in mask.items():
+        weight = result[name]
+        zeros = m & (weight == 0)
+        if not zeros.any():
+            continue
+        alive = weight[m & (weight != 0)]
+        scale = float(alive.float().pow(2).mean().sqrt()) if alive.numel() else 1.0
+        weight = weight.clone()
+        weight[zeros] = 1e-3 * (scale if scale > 0 else 1.0)
+        result[name] = weight
+    return result
 
 
 def _sha256(data: bytes) -> str:

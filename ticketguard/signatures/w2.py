@@ -25,6 +25,8 @@ PAYLOAD_BYTES = 64
 #: At most this fraction of a connectivity matrix carries bits, so the count can be restored.
 MAX_LAYER_FRACTION = 0.25
 _MAX_NAME = 300
+_WHITENING = "ChaCha20 keystream, key HKDF-SHA256(seed)"
+_POSITIONS = "keyed Fisher-Yates over the ChaCha20 keystream, key HKDF-SHA256(seed)"
 #: Bound on a credential's connectivity shapes (VGG's 25088x4096 classifier has about 2^27).
 MAX_CONNECTIVITY_ENTRIES = 2**28
 
@@ -68,8 +70,8 @@ class W2Params:
             "payload_bits": 8 * PAYLOAD_BYTES,
             "bits": self.num_bits,
             "ecc": self.ecc.to_dict(),
-            "whitening": "ChaCha20 keystream, key HKDF-SHA256(seed)",
-            "positions": "keyed Fisher-Yates over the ChaCha20 keystream, key HKDF-SHA256(seed)",
+            "whitening": _WHITENING,
+            "positions": _POSITIONS,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -82,6 +84,12 @@ class W2Params:
 
         if not isinstance(data, dict) or data.get("scheme") != SCHEME:
             raise bad(f"scheme is not {SCHEME}")
+        for field_name, expected in (("positions", _POSITIONS), ("whitening", _WHITENING)):
+            if data.get(field_name) != expected:
+                raise bad(
+                    f"{field_name} {data.get(field_name)!r} is not the method this version "
+                    f"reads ({expected!r})"
+                )
         ecc = EccParams.from_dict(data.get("ecc"))
         raw_layers = data.get("layers")
         if not isinstance(raw_layers, list) or not raw_layers:

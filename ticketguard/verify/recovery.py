@@ -22,6 +22,16 @@ def top_magnitude(weight: torch.Tensor, count: int) -> torch.Tensor:
     return keep.view(weight.shape)
 
 
+def top_magnitude_scores(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Return the bool mask of the `count` highest scores (-inf never chosen before a finite)."""
+    flat = scores.reshape(-1)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    count = max(0, min(count, int(torch.isfinite(flat).sum() + (flat == float("inf")).sum())))
+    order = torch.sort(flat, descending=True, stable=True).indices
+    keep[order[:count]] = True
+    return keep.view(scores.shape)
+
+
 def recover_mask(
     loaded: LoadedCheckpoint,
     names: Sequence[str],
@@ -50,7 +60,10 @@ def recover_mask(
                 source = EXPLICIT
         expected = None if counts is None else counts.get(name)
         if expected is not None and int(observed.sum()) > expected:
-            masks[name] = top_magnitude(weight.float() * observed, expected)
+            scores = torch.where(
+                observed, weight.float().abs().nan_to_num(nan=0.0), torch.tensor(float("-inf"))
+            )
+            masks[name] = top_magnitude_scores(scores, expected)
             sources[name] = TOP_MAGNITUDE
         else:
             masks[name] = observed

@@ -368,6 +368,7 @@ def _w1(
     ticket_scores = []
     for path in null_tickets:
         other_loaded = load_checkpoint(path)
+        _check_same_initialisation(path, other_loaded, ref)
         other, _ = recover_mask(other_loaded, names, counts)
         _check_layers(path, other, ref.mask, names)
         al = align_masks(structure, ref.mask, other, exclude=exclude) if config.align else None
@@ -401,14 +402,12 @@ def _w1(
         chosen, null_text = tickets_null, f"{len(ticket_scores)} {tickets_null['null']} ({how})"
     else:
         # Tickets found from the same initialisation share much of their masks, far beyond what
-        # random masks do, so the random-mask null only ever yields the empirical p-value,
-        # which cannot fall below 1 / (samples + 1): on its own it never verifies.
-        log10_p = float(np.log10(random_null["p_empirical"]))
+        # random masks do, so the random-mask null is reported but never judged.
+        log10_p = None
         chosen = random_null
         null_text = (
-            f"{random_null['samples']} {random_null['null']} (empirical; this null cannot tell "
-            "tickets found from the same initialisation apart, give --null-ticket for a "
-            "decisive W1)"
+            f"{random_null['samples']} {random_null['null']} (not judged: this null cannot tell "
+            "tickets found from the same initialisation apart; give --null-ticket)"
         )
     info = {
         "score": score,
@@ -431,6 +430,27 @@ def _w1(
         details=info,
     )
     return evidence, info
+
+
+def _recorded_seed(metadata: Mapping[str, Any]) -> Any:
+    return ((metadata.get("finding") or {}).get("config") or {}).get("seed")
+
+
+def _check_same_initialisation(path: object, loaded: LoadedCheckpoint, ref: Ticket) -> None:
+    """Refuse a null ticket found from other initial weights than the reference.
+
+    IMP from one initialisation gives similar masks, so the null must start where the
+    reference started (same --seed, another --split-seed); tickets from other initial weights
+    overlap it no more than random masks and would make an innocent same-init ticket look
+    stolen. Tickets recording their finding seed are checked; others are trusted.
+    """
+    theirs, ours = _recorded_seed(loaded.metadata), _recorded_seed(ref.metadata)
+    if theirs is not None and ours is not None and theirs != ours:
+        raise ConfigError(
+            f"{path}: was found from other initial weights (seed {theirs}, the reference's is "
+            f"{ours}); null tickets must start from the reference's (same --seed, another "
+            "--split-seed)"
+        )
 
 
 def _check_layers(
