@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ticketguard.errors import EmbeddingError, TicketFormatError
+from ticketguard.files import sha256_hex
 from ticketguard.signatures.credential import (
     credential_bytes,
     make_credential,
@@ -153,7 +154,7 @@ def issue_signed(
         "owner": key.owner,
         "key_id": key.public_key.key_id(),
         "fingerprint_before": ticket.fingerprint,
-        "credential_sha256": _sha256(credential_bytes(credential)),
+        "credential_sha256": sha256_hex(credential_bytes(credential)),
     }
     return SignResult(
         signed,
@@ -236,12 +237,6 @@ def _nonzero_inside(trained: dict[str, torch.Tensor], mask: Mask) -> dict[str, t
     return result
 
 
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
 def _resolve_layers(ticket: Ticket, patterns: Sequence[str] | None) -> list[str] | None:
     if not patterns:
         return None
@@ -282,7 +277,7 @@ def write_signed(result: SignResult, out: str | Path, *, inputs: Sequence[str | 
         write_secret(
             staged[2],
             seed=result.seed,
-            credential_sha256=_sha256(credential_bytes(result.credential)),
+            credential_sha256=sha256_hex(credential_bytes(result.credential)),
             fingerprint=result.ticket.fingerprint,
         )
         for tmp, final in zip(staged, (ticket_path, cred_path, secret_path), strict=True):

@@ -14,12 +14,7 @@ EXPLICIT, ZERO_PATTERN, TOP_MAGNITUDE = "explicit", "zero pattern", "top magnitu
 
 def top_magnitude(weight: torch.Tensor, count: int) -> torch.Tensor:
     """Return the bool mask of the `count` largest-magnitude entries (ties broken by position)."""
-    flat = weight.detach().abs().reshape(-1).float()
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    count = max(0, min(count, flat.numel()))
-    order = torch.sort(flat, descending=True, stable=True).indices
-    keep[order[:count]] = True
-    return keep.view(weight.shape)
+    return top_magnitude_scores(weight.detach().abs().float().nan_to_num(nan=0.0), count)
 
 
 def top_magnitude_scores(scores: torch.Tensor, count: int) -> torch.Tensor:
