@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_helpers import error_line, invoke
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -30,21 +30,6 @@ FAST_FIND = ["--rounds", "1", "--epochs", "1", "--arch-arg", "width=4", "--quiet
 FIXED_TIME = {"SOURCE_DATE_EPOCH": "1700000000"}
 # Runs whose results are compared byte for byte stay on the CPU, where training is deterministic.
 CPU = ["--device", "cpu"]
-
-
-def invoke(args: list[str], **kwargs) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
-
-
-def error_line(result: Result, exit_code: int) -> str:
-    """Check that the command failed cleanly (no traceback) and return its one `Error:` line."""
-    assert result.exit_code == exit_code, result.output
-    # A handled error ends in SystemExit; anything else escaped the command as a crash.
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def _weights_state(width: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

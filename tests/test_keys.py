@@ -8,11 +8,10 @@ import stat
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from cli_helpers import error_line, invoke
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ticketguard.cli import cli
 from ticketguard.errors import ConfigError, CredentialError, KeyFileError
 from ticketguard.signatures.keys import (
     PASSPHRASE_ENV,
@@ -38,20 +37,6 @@ def _no_passphrase_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def mode_of(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def invoke(args: list[str], **kwargs) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
-
-
-def error_line(result: Result, exit_code: int) -> str:
-    """Check that the command failed cleanly (no traceback) and return its one `Error:` line."""
-    assert result.exit_code == exit_code, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 # --- owner ids ------------------------------------------------------------------------------------

@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_helpers import error_line, invoke
 from safetensors.torch import save_file
 
 import ticketguard
 from ticketguard import api
-from ticketguard.cli import cli
 from ticketguard.errors import ConfigError, EmbeddingError
 from ticketguard.signatures.credential import read_credential, read_secret, seed_commitment
 from ticketguard.signatures.keys import read_private_key
@@ -48,21 +47,6 @@ WIDE = {"architecture": {"name": "digits_cnn", "kwargs": {"width": 32}}, "num_cl
 NO_TRAINING = ["--recover-epochs", "0", "--device", "cpu"]
 FAST_W1 = ["--null-samples", "2"]
 LAYERS = ["conv2.weight", "conv3.weight", "fc1.weight"]
-
-
-def invoke(args: list, **kwargs) -> Result:
-    kwargs.setdefault("env", {"COLUMNS": "300"})
-    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
-
-
-def error_line(result: Result, exit_code: int) -> str:
-    """Check a clean failure (no traceback) and return its one `Error:` line."""
-    assert result.exit_code == exit_code, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def verify_json(args: list) -> tuple[int, dict]:

@@ -66,6 +66,12 @@ data_dir_option = click.option(
 arch_arg_option = click.option(
     "--arch-arg", multiple=True, metavar="KEY=VALUE", help="Extra keyword for the model factory."
 )
+passphrase_option = click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File holding the key's passphrase (else $TICKETGUARD_PASSPHRASE).",
+)
 download_option = click.option(
     "--download", is_flag=True, help="Download the dataset into --data-dir if it is missing."
 )

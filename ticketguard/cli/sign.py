@@ -10,6 +10,7 @@ from ticketguard.cli._common import (
     device_option,
     download_option,
     library_errors,
+    passphrase_option,
     percent,
 )
 from ticketguard.errors import ConfigError
@@ -37,12 +38,6 @@ dataset_option = click.option(
     help="Data to retrain and measure on (default: the dataset the ticket records).",
 )
 force_option = click.option("--force", is_flag=True, help="Replace existing output files.")
-passphrase_option = click.option(
-    "--passphrase-file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="File holding the key's passphrase (else $TICKETGUARD_PASSPHRASE).",
-)
 
 
 @click.command()

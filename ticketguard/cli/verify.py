@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from ticketguard.cli._common import passphrase_option
 from ticketguard.errors import TicketGuardError
 
 #: Exit codes: the verdict is part of the interface, so scripts can branch on it.
@@ -107,12 +108,7 @@ def _print_human(report: dict[str, Any]) -> None:
     default=None,
     help="The owner's private key: derives the embedding seed (owner verification).",
 )
-@click.option(
-    "--passphrase-file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="File holding the key's passphrase (else $TICKETGUARD_PASSPHRASE).",
-)
+@passphrase_option
 @click.option(
     "--reveal",
     type=click.Path(exists=True, dir_okay=False),
