@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["bench_masked_step", "bench_whitebox", "bench_graphstats"]
+BENCHMARKS = ["bench_masked_step", "bench_whitebox", "bench_graphstats", "bench_blackbox"]
 
 
 def main() -> None:

@@ -22,8 +22,10 @@ else
 fi
 
 echo
-echo "== 4. Sign the ticket: a 512-bit Ed25519 signature written into its mask topology (W2) =="
-"$tg" sign "$out/run/final.ticket" --key "$out/alice.key" --out "$out/signed.ticket" --force
+echo "== 4. Sign the ticket: a 512-bit Ed25519 signature written into its mask topology (W2)"
+echo "       and a generated trigger set of 100 abstract images learnt by the ticket (B1) =="
+"$tg" sign "$out/run/final.ticket" --key "$out/alice.key" --out "$out/signed.ticket" --force \
+    --trigger generate
 
 echo
 echo "== 5. The owner verifies the signed ticket with the private key =="
@@ -42,9 +44,33 @@ if "$tg" verify "$out/run/final.ticket" --credential "$out/signed.cred.json" --k
 fi
 
 echo
-echo "== 8. An extreme ticket: remove 300 magnitude-weighted paths and retrain =="
+echo "== 8. Black box: serve the signed model over HTTP and verify it by querying the trigger set =="
+"$tg" serve "$out/signed.ticket" --host 127.0.0.1 --port 0 > "$out/serve.log" 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null || true' EXIT
+url=""
+for _ in $(seq 1 600); do
+    url=$(grep -o 'http://[^ ]*' "$out/serve.log" | head -n 1 || true)
+    [ -n "$url" ] && break
+    kill -0 "$server" 2>/dev/null || { cat "$out/serve.log" >&2; exit 1; }
+    sleep 0.1
+done
+[ -n "$url" ] || { echo "the server did not start" >&2; exit 1; }
+head -n 1 "$out/serve.log"
+"$tg" verify --endpoint "$url/predict" --credential "$out/signed.cred.json" --key "$out/alice.key"
+kill "$server"
+wait "$server" || true
+trap - EXIT
+
+echo
+echo "== 9. White box and black box together: the signed file, read and queried =="
+"$tg" verify "$out/signed.ticket" --blackbox --credential "$out/signed.cred.json" \
+    --key "$out/alice.key"
+
+echo
+echo "== 10. An extreme ticket: remove 300 magnitude-weighted paths and retrain =="
 "$tg" thin "$out/signed.ticket" --paths 300 --out "$out/extreme.ticket" --force
 
 echo
 echo "Outputs in $out: run/ (final.ticket, rounds/, log.json), ticket.graphml, alice.key/.pub,"
-echo "signed.ticket, signed.cred.json, signed.secret.json, extreme.ticket"
+echo "signed.ticket, signed.cred.json, signed.secret.json (seed and trigger set), extreme.ticket"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,3 +49,36 @@ def _build_ticket(
 def make_ticket() -> Callable[..., Ticket]:
     """Return a builder of small DigitsCNN tickets (keywords: seed, width, layers, keep)."""
     return _build_ticket
+
+
+#: Finding seeds of the tickets found independently of the owner's (seed 0).
+INDEPENDENT_SEEDS = range(1, 11)
+
+
+def find_digits_ticket(out: Path, seed: int, rounds: int, epochs: int) -> Path:
+    """Find a digits ticket on the CPU (pruning rate 0.3) and return its final ticket file."""
+    from ticketguard.tickets.finding import FindConfig, find_ticket
+    from ticketguard.tickets.pruning import PruneConfig
+    from ticketguard.tickets.training import TrainConfig
+
+    config = FindConfig(
+        rounds=rounds, prune=PruneConfig(rate=0.3), train=TrainConfig(epochs=epochs), seed=seed
+    )
+    find_ticket(config, out)
+    return out / "final.ticket"
+
+
+@pytest.fixture(scope="session")
+def owner_ticket(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The owner's digits ticket (seed 0, 4 rounds of 12 epochs), shared by the acceptance tests."""
+    return find_digits_ticket(tmp_path_factory.mktemp("owner-run"), seed=0, rounds=4, epochs=12)
+
+
+@pytest.fixture(scope="session")
+def independent_tickets(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Ten digits tickets found independently of the owner's (seeds 1..10, 2 rounds of 4 epochs)."""
+    root = tmp_path_factory.mktemp("independent")
+    return [
+        find_digits_ticket(root / f"seed{seed}", seed=seed, rounds=2, epochs=4)
+        for seed in INDEPENDENT_SEEDS
+    ]

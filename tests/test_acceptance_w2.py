@@ -18,28 +18,15 @@ from click.testing import CliRunner
 from ticketguard.cli import cli
 from ticketguard.signatures.keys import generate_key, write_keypair
 from ticketguard.signatures.topology import ticket_structure
-from ticketguard.tickets.finding import FindConfig, find_ticket
-from ticketguard.tickets.pruning import PruneConfig
 from ticketguard.tickets.ticket import load_ticket
-from ticketguard.tickets.training import TrainConfig
 from ticketguard.verify.verification import verify
-
-INDEPENDENT_SEEDS = range(1, 11)
-
-
-def _find(out: Path, seed: int, rounds: int, epochs: int) -> Path:
-    config = FindConfig(
-        rounds=rounds, prune=PruneConfig(rate=0.3), train=TrainConfig(epochs=epochs), seed=seed
-    )
-    find_ticket(config, out)
-    return out / "final.ticket"
 
 
 @pytest.fixture(scope="module")
-def signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Find the owner's ticket, make a key pair and sign the ticket through the CLI."""
+def signed(tmp_path_factory: pytest.TempPathFactory, owner_ticket: Path) -> dict[str, Path]:
+    """Make a key pair and sign the owner's ticket through the CLI."""
     root = tmp_path_factory.mktemp("owner")
-    ticket = _find(root / "run", seed=0, rounds=4, epochs=12)
+    ticket = owner_ticket
     write_keypair(generate_key("alice@example.org"), root / "alice")
     result = CliRunner().invoke(
         cli,
@@ -102,13 +89,11 @@ def test_signed_ticket_verifies_with_key_and_with_reveal(signed: dict[str, Path]
 
 
 def test_independent_tickets_are_not_verified(
-    signed: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    signed: dict[str, Path], independent_tickets: list[Path]
 ) -> None:
-    root = tmp_path_factory.mktemp("independent")
     key = signed["key"]
     smallest = 0.0
-    for seed in INDEPENDENT_SEEDS:
-        ticket = _find(root / f"seed{seed}", seed=seed, rounds=2, epochs=4)
+    for ticket in independent_tickets:
         report = verify(ticket, credential=signed["credential"], key=_owner_key(key))
         assert not report.verified, report.verdict.reason
         bits = next(e for e in report.evidences if e.name == "W2 bits")
@@ -117,7 +102,7 @@ def test_independent_tickets_are_not_verified(
         assert bits.log10_p is not None
         smallest = min(smallest, bits.log10_p)
     print(
-        f"\nsmallest W2 p-value over {len(INDEPENDENT_SEEDS)} independent tickets: 10^{smallest:.2f}"
+        f"\nsmallest W2 p-value over {len(independent_tickets)} independent tickets: 10^{smallest:.2f}"
     )
     assert smallest > np.log10(1e-6 / 2)
 

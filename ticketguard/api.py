@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ticketguard.errors import ConfigError, RunStateError
 from ticketguard.signatures.keys import (
@@ -121,8 +124,31 @@ def default_thin_config(ticket: object) -> RetrainConfig:
     return RetrainConfig(epochs=epochs, lr=lr, start="rewind")
 
 
+#: `package.module:function`: a Python callable that answers queries (a black-box suspect).
+CALLABLE_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """How a black-box suspect is queried: HTTP payload, timeout and retries, local device."""
+
+    send: str = "tensor"
+    timeout: float = 10.0
+    retries: int = 3
+    backoff: float = 0.5
+    device: str = "auto"
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] | None = None
+
+
+def is_callable_spec(suspect: str | Path) -> bool:
+    """Return whether `suspect` names a Python callable rather than an existing file."""
+    text = str(suspect)
+    return not Path(text).exists() and CALLABLE_SPEC.fullmatch(text) is not None
+
+
 def verify(
-    suspect: str | Path,
+    suspect: str | Path | None,
     *,
     credential: str | Path | None = None,
     key: OwnerKey | str | Path | None = None,
@@ -132,20 +158,52 @@ def verify(
     public_key: PublicKey | str | Path | None = None,
     null_tickets: Sequence[str | Path] = (),
     config: VerifyConfig | None = None,
+    blackbox: bool = False,
+    endpoint: str | None = None,
+    query: QueryConfig | None = None,
 ) -> VerificationReport:
-    """Verify a suspect model file against a credential and/or a reference ticket."""
+    """Verify a suspect against a credential and/or a reference ticket.
+
+    `suspect` is a model file (white-box evidence; with `blackbox` it is also queried with the
+    trigger set), or `package.module:function` (queried only); `endpoint` is the URL of a
+    prediction server to query instead of a file.
+    """
     if credential is not None and key is None and reveal is None:
         raise ConfigError(
             "a credential needs the owner's key (--key) or the revealed seed (--reveal)"
         )
+    query = query or QueryConfig()
+    if endpoint is not None and suspect is not None:
+        raise ConfigError("give either a suspect or --endpoint, not both")
+    if endpoint is None and suspect is None:
+        raise ConfigError("give a suspect model file, a package.module:function, or --endpoint")
     owner_key = _key(key, passphrase) if key is not None else None
     pinned = (
         public_key
         if isinstance(public_key, PublicKey) or public_key is None
         else read_public_key(public_key)
     )
+    from ticketguard.tickets.loading import load_checkpoint
+    from ticketguard.verify.blackbox import CallableSuspect, HttpSuspect, Suspect
+
+    loaded = None
+    queried: Suspect | None = None
+    if endpoint is not None:
+        queried = HttpSuspect(
+            endpoint,
+            send=query.send,
+            timeout=query.timeout,
+            retries=query.retries,
+            backoff=query.backoff,
+        )
+    elif suspect is not None and is_callable_spec(suspect):
+        queried = CallableSuspect.from_spec(str(suspect))
+    elif suspect is not None:
+        loaded = load_checkpoint(suspect)
+        if blackbox:
+            queried = _local_suspect(loaded, credential, query)
     return _verify(
-        suspect,
+        loaded,
         credential=credential,
         key=owner_key,
         reveal=reveal,
@@ -153,4 +211,38 @@ def verify(
         public_key=pinned,
         null_tickets=null_tickets,
         config=config,
+        blackbox=queried,
     )
+
+
+def _local_suspect(loaded: Any, credential: str | Path | None, query: QueryConfig) -> Any:
+    """Build a local model file's network to query it (architecture: given, recorded, claimed)."""
+    from ticketguard.signatures.credential import read_credential
+    from ticketguard.tickets.loading import load_model
+    from ticketguard.tickets.models import is_import_path
+    from ticketguard.verify.blackbox import ModelSuspect
+
+    arch, kwargs, num_classes = query.arch, query.arch_kwargs, None
+    if arch is None and not (loaded.metadata.get("architecture") or {}).get("name"):
+        # A bare state dict: build the architecture the owner's credential names.
+        document = read_credential(credential).document if credential is not None else None
+        claimed = (document or {}).get("architecture")
+        if isinstance(claimed, dict) and isinstance(claimed.get("name"), str):
+            if is_import_path(claimed["name"]):
+                raise ConfigError(
+                    f"the credential names the architecture {claimed['name']!r}, which imports "
+                    "code; pass --arch to allow it"
+                )
+            arch = claimed["name"]
+            kwargs = kwargs if kwargs is not None else dict(claimed.get("kwargs") or {})
+            trigger = (document or {}).get("trigger_set")
+            if isinstance(trigger, dict) and isinstance(trigger.get("num_classes"), int):
+                num_classes = trigger["num_classes"]
+    model = load_model(
+        loaded,
+        arch,
+        arch_kwargs=kwargs,
+        num_classes=num_classes,
+        allow_import=query.arch is not None,
+    )
+    return ModelSuspect(model, resolve_device(query.device), str(loaded.path))

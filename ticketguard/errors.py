@@ -61,3 +61,11 @@ class EmbeddingError(TicketGuardError):
 
 class TopologyError(TicketGuardError):
     """A model's channel structure cannot be traced into a topology graph."""
+
+
+class TriggerSetError(DatasetError):
+    """A trigger set (a folder, a generated set or a secret file's copy) is malformed."""
+
+
+class EndpointError(TicketGuardError):
+    """A suspect's prediction endpoint is down, too slow, or answers something unreadable."""

@@ -100,3 +100,17 @@ def check_dataset(ctx: click.Context, param: click.Parameter, value: str | None)
             param=param,
         )
     return value
+
+
+def given_options(ctx: click.Context, *names: str) -> list[str]:
+    """Return the options among `names` (parameter names) given on the command line, as flags."""
+    from click.core import ParameterSource
+
+    given = []
+    for param in ctx.command.params:
+        if param.name in names and ctx.get_parameter_source(param.name) in (
+            ParameterSource.COMMANDLINE,
+            ParameterSource.ENVIRONMENT,
+        ):
+            given.append(param.opts[0])
+    return given

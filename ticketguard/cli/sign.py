@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ticketguard.cli._common import (
@@ -9,6 +11,7 @@ from ticketguard.cli._common import (
     data_dir_option,
     device_option,
     download_option,
+    given_options,
     library_errors,
     passphrase_option,
     percent,
@@ -82,7 +85,7 @@ force_option = click.option("--force", is_flag=True, help="Replace existing outp
     default=0.01,
     show_default=True,
     type=float,
-    help="Learning rate of the recovery training.",
+    help="Learning rate of the recovery training (without --trigger).",
 )
 @click.option(
     "--recover-from",
@@ -99,6 +102,62 @@ force_option = click.option("--force", is_flag=True, help="Replace existing outp
 )
 @click.option(
     "--seed", default=0, show_default=True, type=int, help="Seed of the recovery training."
+)
+@click.option(
+    "--trigger",
+    "trigger",
+    default=None,
+    metavar="generate|DIR",
+    help="Also teach the ticket a trigger set (black-box evidence): 'generate' draws abstract "
+    "images from the embedding seed; DIR imports a folder (pics/ and a labels .txt file).",
+)
+@click.option(
+    "--trigger-size",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Images in a generated trigger set.",
+)
+@click.option(
+    "--trigger-order",
+    type=click.Choice(["lexicographic", "numeric"]),
+    default="lexicographic",
+    show_default=True,
+    help="How a folder's file names are matched to its label lines.",
+)
+@click.option(
+    "--trigger-labels",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The folder's labels file, when it holds more than one .txt file.",
+)
+@click.option(
+    "--trigger-per-batch",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Trigger samples mixed into every training batch.",
+)
+@click.option(
+    "--trigger-epochs",
+    default=30,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Most epochs of trigger training.",
+)
+@click.option(
+    "--trigger-lr",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Learning rate at the start of each cosine cycle of trigger training.",
+)
+@click.option(
+    "--trigger-target",
+    default=0.95,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Trigger accuracy at which training stops.",
 )
 @dataset_option
 @data_dir_option
@@ -118,6 +177,14 @@ def sign(
     recover_from: str,
     random_seed: bool,
     seed: int,
+    trigger: str | None,
+    trigger_size: int,
+    trigger_order: str,
+    trigger_labels: str | None,
+    trigger_per_batch: int,
+    trigger_epochs: int,
+    trigger_lr: float,
+    trigger_target: float,
     dataset: str | None,
     data_dir: str | None,
     download: bool,
@@ -127,21 +194,59 @@ def sign(
     """Embed the owner's signature (W2) into TICKET's mask; issue its credential.
 
     Writes the signed ticket, its credential OUT.cred.json (public: give it with the model) and
-    OUT.secret.json (mode 0600: the embedding seed, for the owner and, later, a judge).
-    Per-layer weight counts are unchanged; accuracy is printed before and after.
+    OUT.secret.json (mode 0600: the embedding seed and any trigger set, for the owner and,
+    later, a judge). Per-layer weight counts are unchanged; accuracy is printed before and
+    after. With --trigger the ticket also learns a trigger set (mask fixed) until its trigger
+    accuracy reaches --trigger-target with clean accuracy within a point; the credential
+    commits to the set.
 
     \b
-    Example:
+    Examples:
       ticketguard sign runs/digits/final.ticket --key keys/alice.key --out signed.ticket
+      ticketguard sign runs/digits/final.ticket --key keys/alice.key --out signed.ticket \\
+          --trigger generate
     """
     from ticketguard.api import sign as sign_file
-    from ticketguard.signatures.signing import SignConfig, output_paths
+    from ticketguard.signatures.signing import SignConfig, TriggerConfig, output_paths
 
+    triggers = None
+    if trigger is not None:
+        if trigger != "generate" and not Path(trigger).is_dir():
+            raise click.BadParameter(
+                f"{trigger!r} is neither 'generate' nor a folder", param_hint="--trigger"
+            )
+        try:
+            triggers = TriggerConfig(
+                source=trigger,
+                size=trigger_size,
+                order=trigger_order,
+                labels_file=trigger_labels,
+                per_batch=trigger_per_batch,
+                target=trigger_target,
+                max_epochs=trigger_epochs,
+                lr=trigger_lr,
+            )
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
+    else:
+        stray = given_options(
+            click.get_current_context(),
+            "trigger_size",
+            "trigger_order",
+            "trigger_labels",
+            "trigger_per_batch",
+            "trigger_epochs",
+            "trigger_lr",
+            "trigger_target",
+        )
+        if stray:
+            raise click.UsageError(f"{stray[0]} belongs to --trigger generate|DIR")
     config = SignConfig(
         layers=tuple(layers) or None,
         ecc_symbols=ecc_symbols,
         retrain=_retrain_config(recover_epochs, recover_lr, recover_from, dataset, seed),
         random_seed=random_seed,
+        triggers=triggers,
     )
     result = sign_file(
         ticket,
@@ -164,6 +269,19 @@ def sign(
         f"accuracy on {result.dataset}: {percent(result.accuracy_before)} before signing, "
         f"{percent(result.accuracy_after)} after"
     )
+    if result.triggers is not None:
+        source = "generated" if triggers and triggers.generated else f"from {trigger}"
+        click.echo(
+            f"trigger set: {result.triggers.size} images ({source}), trigger accuracy "
+            f"{percent(result.trigger_accuracy)} after {result.trigger_epochs} epoch(s)"
+        )
+        if not result.trigger_reached:
+            click.echo(
+                f"warning: the stopping rule was not met within {result.trigger_epochs} epochs "
+                f"(trigger accuracy >= {percent(trigger_target)} with validation accuracy "
+                "within 1 point); raise --trigger-epochs or --trigger-lr",
+                err=True,
+            )
     click.echo(f"wrote {ticket_path}")
     click.echo(f"wrote {cred_path} (credential: publish it with the model)")
     click.echo(f"wrote {secret_path} (secret seed: keep it; reveal it only to a judge)")

@@ -5,11 +5,19 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-from ticketguard.cli._common import passphrase_option
+from ticketguard.cli._common import (
+    arch_arg_option,
+    check_arch,
+    device_option,
+    given_options,
+    parse_kwargs,
+    passphrase_option,
+)
 from ticketguard.errors import TicketGuardError
 
 #: Exit codes: the verdict is part of the interface, so scripts can branch on it.
@@ -71,6 +79,13 @@ def _print_human(report: dict[str, Any]) -> None:
             f"({al['sweeps']} sweeps)",
             markup=False,
         )
+    if report.get("blackbox"):
+        bb = report["blackbox"]
+        console.print(
+            f"queried       {bb['suspect']}: {bb['size']} trigger inputs in {bb['requests']} "
+            f"request(s) of up to {bb['batch_size']}, {bb['seconds']:.2f} s",
+            markup=False,
+        )
     for problem in report["problems"]:
         console.print(f"problem       {problem}", markup=False, style="red")
     for note in report["notes"]:
@@ -94,7 +109,7 @@ def _print_human(report: dict[str, Any]) -> None:
 
 
 @click.command()
-@click.argument("suspect", type=click.Path(exists=True, dir_okay=False))
+@click.argument("suspect", required=False)
 @click.option(
     "--credential",
     type=click.Path(exists=True, dir_okay=False),
@@ -149,6 +164,54 @@ def _print_human(report: dict[str, Any]) -> None:
     help="Significance level before the Bonferroni correction.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the W1 null.")
+@click.option(
+    "--blackbox",
+    is_flag=True,
+    help="Also query the suspect model file with the credential's trigger set (B1).",
+)
+@click.option(
+    "--endpoint",
+    default=None,
+    metavar="URL",
+    help="Query a prediction server instead of a file (black-box only; see `ticketguard serve`).",
+)
+@click.option(
+    "--send",
+    type=click.Choice(["tensor", "png"]),
+    default="tensor",
+    show_default=True,
+    help="What --endpoint is sent: model-ready numbers, or PNG images it normalises itself.",
+)
+@click.option(
+    "--batch-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Trigger inputs per query.",
+)
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds to wait for each answer of --endpoint.",
+)
+@click.option(
+    "--retries",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Retries (with exponential backoff) when --endpoint fails or is busy.",
+)
+@click.option(
+    "--arch",
+    default=None,
+    callback=check_arch,
+    help="Architecture of a --blackbox model file that records none "
+    "(default: the one the credential names).",
+)
+@arch_arg_option
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_input_errors
 def verify(
@@ -164,6 +227,15 @@ def verify(
     no_align: bool,
     alpha: float,
     seed: int,
+    blackbox: bool,
+    endpoint: str | None,
+    send: str,
+    batch_size: int,
+    timeout: float,
+    retries: int,
+    arch: str | None,
+    arch_arg: tuple[str, ...],
+    device: str,
     as_json: bool,
 ) -> None:
     """Verify who owns SUSPECT: any model file ticketguard reads (none of it runs).
@@ -172,7 +244,13 @@ def verify(
     and judged (binomial p-value) and decoded (Ed25519 check). With a reference ticket, channels
     are aligned to it first and the W1 topology overlap is judged against random masks pushed
     through the same alignment; W1 can decide only against --null-ticket tickets.
-    Exit code: 0 verified, 1 not verified, 2 usage or input error.
+
+    Black-box (B1): the credential's trigger set is sent to the suspect and the hits are judged
+    against the largest label frequency of the set. The suspect is queried when it is an
+    --endpoint URL, a Python callable given as SUSPECT = package.module:function, or a model
+    file with --blackbox (then white-box and black-box evidence are judged together).
+    Exit code: 0 verified, 1 not verified, 2 usage or input error (an endpoint that is down,
+    too slow or answers garbage included).
 
     \b
     Examples:
@@ -180,12 +258,36 @@ def verify(
       ticketguard verify stolen.pth --credential signed.cred.json --reveal signed.secret.json \\
           --public-key alice.pub --reference signed.ticket
       ticketguard verify suspect.pth --reference extreme.ticket
+      ticketguard verify --endpoint http://127.0.0.1:8000/predict \\
+          --credential signed.cred.json --key alice.key
     """
+    from ticketguard.api import QueryConfig, is_callable_spec
     from ticketguard.api import verify as verify_file
     from ticketguard.errors import ConfigError
     from ticketguard.signatures.keys import passphrase_from
     from ticketguard.verify.verification import VerifyConfig
 
+    if endpoint is not None and suspect is not None:
+        raise click.UsageError("give either SUSPECT or --endpoint, not both")
+    if endpoint is None and suspect is None:
+        raise click.UsageError(
+            "give SUSPECT (a model file or package.module:function) or --endpoint"
+        )
+    queried_only = endpoint is not None or (suspect is not None and is_callable_spec(suspect))
+    if suspect is not None and not queried_only:
+        path = Path(suspect)
+        if not path.exists():
+            raise click.BadParameter(f"File {suspect!r} does not exist.", param_hint="SUSPECT")
+        if path.is_dir():
+            raise click.BadParameter(f"{suspect} is a directory", param_hint="SUSPECT")
+    if (queried_only or blackbox) and credential is None:
+        raise click.UsageError("black-box verification needs --credential (with --key or --reveal)")
+    if endpoint is None:
+        stray = given_options(click.get_current_context(), "send", "timeout", "retries")
+        if stray:
+            raise click.UsageError(f"{stray[0]} belongs to --endpoint")
+    if queried_only and (reference or null_ticket):
+        raise click.UsageError("--reference compares weights; a queried suspect has none to read")
     if credential is None and reference is None:
         raise click.UsageError("give --credential (with --key or --reveal), --reference, or both")
     if credential is not None and key_path is None and reveal is None:
@@ -197,7 +299,13 @@ def verify(
     if len(null_ticket) == 1:
         raise click.UsageError("--null-ticket needs at least 2 independently found tickets")
     try:
-        config = VerifyConfig(alpha=alpha, null_samples=null_samples, seed=seed, align=not no_align)
+        config = VerifyConfig(
+            alpha=alpha,
+            null_samples=null_samples,
+            seed=seed,
+            align=not no_align,
+            batch_size=batch_size,
+        )
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--alpha") from None
     passphrase = passphrase_from(passphrase_file) if key_path else None
@@ -211,6 +319,16 @@ def verify(
         public_key=public_key,
         null_tickets=null_ticket,
         config=config,
+        blackbox=blackbox,
+        endpoint=endpoint,
+        query=QueryConfig(
+            send=send,
+            timeout=timeout,
+            retries=retries,
+            device=device,
+            arch=arch,
+            arch_kwargs=parse_kwargs(arch_arg, "--arch-arg") if arch_arg else None,
+        ),
     )
     data = report.to_dict()
     if as_json:

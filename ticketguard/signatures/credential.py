@@ -290,23 +290,25 @@ def _document_problems(raw: bytes) -> tuple[dict[str, Any] | None, list[str]]:
     return parsed, problems
 
 
-#: Credentials and secret files are a few kilobytes; anything far larger is not one.
+#: Credentials are a few kilobytes; anything far larger is not one.
 MAX_FILE_BYTES = 1 << 20
+#: A secret file may carry an imported trigger set (compressed images), so it may be larger.
+MAX_SECRET_BYTES = 64 << 20
 
 
-def _read_small(p: Path, what: str) -> bytes:
-    """Read a file of at most MAX_FILE_BYTES, or raise CredentialError with one line."""
+def _read_small(p: Path, what: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """Read a file of at most `limit` bytes, or raise CredentialError with one line."""
     try:
         with p.open("rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
+            raw = f.read(limit + 1)
     except FileNotFoundError:
         raise CredentialError(f"{p}: no such file") from None
     except IsADirectoryError:
         raise CredentialError(f"{p} is a directory, not a {what}") from None
     except OSError as exc:
         raise CredentialError(f"cannot read {p}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise CredentialError(f"{p}: larger than {MAX_FILE_BYTES} bytes, not a {what}")
+    if len(raw) > limit:
+        raise CredentialError(f"{p}: larger than {limit} bytes, not a {what}")
     return raw
 
 
@@ -319,9 +321,14 @@ def read_credential(path: str | os.PathLike[str]) -> Credential:
 
 
 def write_secret(
-    path: str | os.PathLike[str], *, seed: bytes, credential_sha256: str, fingerprint: str
+    path: str | os.PathLike[str],
+    *,
+    seed: bytes,
+    credential_sha256: str,
+    fingerprint: str,
+    trigger_set: dict[str, Any] | None = None,
 ) -> None:
-    """Write the owner's secret file (the embedding seed) atomically with mode 0600."""
+    """Write the owner's secret file (the embedding seed, any trigger set) with mode 0600."""
     if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
         raise ConfigError(f"the embedding seed must be {SEED_BYTES} bytes")
     for name, value in (("credential_sha256", credential_sha256), ("fingerprint", fingerprint)):
@@ -333,6 +340,8 @@ def write_secret(
         "credential_sha256": credential_sha256,
         "fingerprint": fingerprint,
     }
+    if trigger_set is not None:
+        document["trigger_set"] = trigger_set
     data = (json.dumps(document, sort_keys=True, indent=2) + "\n").encode("utf-8")
     try:
         write_file_atomic(path, data, mode=0o600, overwrite=True)
@@ -340,10 +349,10 @@ def write_secret(
         raise CredentialError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def read_secret(path: str | os.PathLike[str]) -> bytes:
-    """Return the 32-byte embedding seed from a secret file; raise CredentialError if malformed."""
+def read_secret_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return a secret file's document with its seed checked; raise CredentialError if malformed."""
     p = Path(path)
-    raw = _read_small(p, "secret file")
+    raw = _read_small(p, "secret file", MAX_SECRET_BYTES)
     try:
         document = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -353,7 +362,12 @@ def read_secret(path: str | os.PathLike[str]) -> bytes:
     seed_hex = document.get("seed")
     if not isinstance(seed_hex, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", seed_hex):
         raise CredentialError(f"{p}: the seed is not {SEED_BYTES} bytes of hex")
-    return bytes.fromhex(seed_hex)
+    return document
+
+
+def read_secret(path: str | os.PathLike[str]) -> bytes:
+    """Return the 32-byte embedding seed from a secret file; raise CredentialError if malformed."""
+    return bytes.fromhex(read_secret_document(path)["seed"])
 
 
 def seed_for(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ticketguard.errors import EmbeddingError, TicketFormatError
+from ticketguard.errors import ConfigError, EmbeddingError, TicketFormatError
 from ticketguard.files import sha256_hex
 from ticketguard.signatures.credential import (
     credential_bytes,
@@ -22,6 +22,7 @@ from ticketguard.signatures.credential import (
 )
 from ticketguard.signatures.keys import OwnerKey
 from ticketguard.signatures.payload import EccParams, embedded_bits
+from ticketguard.signatures.triggers import TriggerSet
 from ticketguard.signatures.w2 import (
     W2Params,
     eligible_layers,
@@ -30,8 +31,60 @@ from ticketguard.signatures.w2 import (
     write_bits,
 )
 from ticketguard.tickets.mask import Mask
-from ticketguard.tickets.retrain import RetrainConfig, retrain, starting_state
+from ticketguard.tickets.retrain import (
+    MixedTraining,
+    RetrainConfig,
+    RetrainResult,
+    dataset_of,
+    retrain,
+    starting_state,
+)
 from ticketguard.tickets.ticket import Ticket
+from ticketguard.tickets.training import ExtraSamples
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    """The trigger set (B1) a ticket learns while it is signed, and when it has learnt it.
+
+    `source` is "generate" (abstract images drawn from the embedding seed) or the path of a
+    folder in the format of Adi et al. (`pics/` and a labels file). Training mixes `per_batch`
+    trigger samples into every batch, in cosine cycles of the recovery epochs starting at `lr`,
+    until trigger accuracy reaches `target` with clean validation accuracy at most `tolerance`
+    below the unsigned ticket's, or `max_epochs`.
+    """
+
+    source: str = "generate"
+    size: int = 100
+    order: str = "lexicographic"
+    labels_file: str | None = None
+    per_batch: int = 16
+    target: float = 0.95
+    tolerance: float = 0.01
+    max_epochs: int = 30
+    lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        from ticketguard.signatures.triggers import MAX_TRIGGERS, ORDERS
+
+        if not 1 <= self.size <= MAX_TRIGGERS:
+            raise ConfigError(f"the trigger set size must be in 1..{MAX_TRIGGERS}, got {self.size}")
+        if self.order not in ORDERS:
+            raise ConfigError(f"the file order must be one of {', '.join(ORDERS)}")
+        if self.per_batch < 1:
+            raise ConfigError(f"trigger samples per batch must be >= 1, got {self.per_batch}")
+        if not 0 < self.target <= 1:
+            raise ConfigError(f"the trigger accuracy target must be in (0, 1], got {self.target}")
+        if not 0 <= self.tolerance < 1:
+            raise ConfigError(f"the accuracy tolerance must be in [0, 1), got {self.tolerance}")
+        if self.max_epochs < 1:
+            raise ConfigError(f"the trigger epoch limit must be >= 1, got {self.max_epochs}")
+        if not self.lr > 0:
+            raise ConfigError(f"the trigger learning rate must be > 0, got {self.lr}")
+
+    @property
+    def generated(self) -> bool:
+        return self.source == "generate"
 
 
 @dataclass(frozen=True)
@@ -42,6 +95,7 @@ class SignConfig:
     ecc_symbols: int = 64
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     random_seed: bool = False
+    triggers: TriggerConfig | None = None
 
 
 @dataclass
@@ -56,6 +110,10 @@ class SignResult:
     accuracy_after: float | None
     changed_connections: int
     dataset: str | None = None
+    triggers: TriggerSet | None = None
+    trigger_accuracy: float | None = None
+    trigger_epochs: int | None = None
+    trigger_reached: bool | None = None
 
 
 def excluded_layers(ticket: Ticket) -> list[str]:
@@ -126,8 +184,14 @@ def issue_signed(
     accuracy_before: float | None = None,
     accuracy_after: float | None = None,
     dataset: str | None = None,
+    triggers: TriggerSet | None = None,
+    trigger_record: dict[str, Any] | None = None,
 ) -> SignResult:
-    """Assemble the signed ticket from its (retrained) weights and issue its credential."""
+    """Assemble the signed ticket from its (retrained) weights and issue its credential.
+
+    With a trigger set, `trigger_record` is the credential's `trigger_set` field (it commits to
+    the set; see `trigger_record`).
+    """
     metadata = dict(ticket.metadata)
     accuracy = dict(metadata.get("accuracy") or {})
     unsigned = accuracy_before if accuracy_before is not None else accuracy.get("test")
@@ -146,6 +210,7 @@ def issue_signed(
         architecture={"name": ticket.architecture, "kwargs": ticket.architecture_kwargs},
         embedding={**embedding.params.to_dict(), "retrain": retrain_config.to_dict()},
         seed=embedding.seed,
+        trigger_set=trigger_record,
     )
     if payload_of(credential) != embedding.payload:
         raise EmbeddingError("the credential's payload differs from the embedded one")
@@ -156,6 +221,8 @@ def issue_signed(
         "fingerprint_before": ticket.fingerprint,
         "credential_sha256": sha256_hex(credential_bytes(credential)),
     }
+    if trigger_record is not None:
+        signed.metadata["signature"]["trigger_set"] = trigger_record["commitment"]
     return SignResult(
         signed,
         credential,
@@ -165,6 +232,8 @@ def issue_signed(
         accuracy_after,
         embedding.changed_connections,
         dataset,
+        triggers,
+        trigger_record["accuracy"] if trigger_record is not None else None,
     )
 
 
@@ -182,25 +251,126 @@ def sign_ticket(
     """Embed `key`'s signature into `ticket`, retrain with the new mask fixed, make the credential."""
     config = config or SignConfig()
     embedding = embed_owner_signature(ticket, key, config, created=created)
+    triggers = mixed = None
+    retrain_config = config.retrain
+    if config.triggers is not None:
+        retrain_config = replace(retrain_config, lr=config.triggers.lr)
+        triggers = make_trigger_set(ticket, embedding.seed, config.triggers, config.retrain.dataset)
+        check_secret_size(triggers)
+        mean, std = input_normalization(ticket, config.retrain.dataset)
+        mixed = MixedTraining(
+            ExtraSamples(triggers.inputs(mean, std), triggers.labels, config.triggers.per_batch),
+            target=config.triggers.target,
+            tolerance=config.triggers.tolerance,
+            max_epochs=config.triggers.max_epochs,
+        )
     result = retrain(
         ticket,
         embedding.mask,
-        config.retrain,
+        retrain_config,
         device=device,
         data_dir=data_dir,
         download=download,
         progress=progress,
+        mixed=mixed,
     )
-    return issue_signed(
+    record = None
+    if triggers is not None:
+        record = trigger_record(ticket, triggers, result, config.retrain.dataset)
+    signed = issue_signed(
         ticket,
         key,
         embedding,
         result.trained,
-        config.retrain,
+        retrain_config,
         accuracy_before=result.accuracy_before,
         accuracy_after=result.accuracy_after,
         dataset=result.dataset,
+        triggers=triggers,
+        trigger_record=record,
     )
+    if triggers is not None:
+        signed.trigger_epochs = result.epochs
+        signed.trigger_reached = result.reached
+    return signed
+
+
+def check_secret_size(triggers: TriggerSet) -> None:
+    """Refuse a trigger set too large for the secret file that must carry it (before training)."""
+    import json
+
+    from ticketguard.errors import TriggerSetError
+    from ticketguard.signatures.credential import MAX_SECRET_BYTES
+
+    size = len(json.dumps(triggers.to_dict()))
+    if size > MAX_SECRET_BYTES - (1 << 16):
+        raise TriggerSetError(
+            f"the trigger set takes {size} bytes in the secret file, over its limit of "
+            f"{MAX_SECRET_BYTES - (1 << 16)}; use fewer or smaller images"
+        )
+
+
+def input_normalization(
+    ticket: Ticket, dataset: str | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return the (mean, std) that turn pixels into the ticket's model inputs (its dataset's)."""
+    from ticketguard.tickets.data import pixel_normalization
+
+    name, split_seed = dataset_of(ticket, dataset)
+    return pixel_normalization(name, split_seed=split_seed)
+
+
+def input_shape_of(ticket: Ticket, dataset: str | None = None) -> tuple[int, int, int]:
+    """Return the (C, H, W) input shape the ticket records, or its dataset's."""
+    from ticketguard.tickets.data import dataset_info
+
+    recorded = ticket.metadata.get("input_shape")
+    if isinstance(recorded, list | tuple) and len(recorded) == 3:
+        return (int(recorded[0]), int(recorded[1]), int(recorded[2]))
+    name, _ = dataset_of(ticket, dataset)
+    return dataset_info(name)[1]
+
+
+def make_trigger_set(
+    ticket: Ticket, seed: bytes, config: TriggerConfig, dataset: str | None = None
+) -> TriggerSet:
+    """Generate the trigger set from the embedding seed, or import it from a folder."""
+    from ticketguard.signatures.triggers import generate_triggers, load_trigger_folder
+
+    if ticket.num_classes is None:
+        raise TicketFormatError("the ticket records no number of classes; it cannot learn triggers")
+    shape = input_shape_of(ticket, dataset)
+    if config.generated:
+        return generate_triggers(seed, config.size, shape, int(ticket.num_classes))
+    return load_trigger_folder(
+        config.source,
+        shape,
+        int(ticket.num_classes),
+        order=config.order,
+        labels_file=config.labels_file,
+    )
+
+
+def trigger_record(
+    ticket: Ticket, triggers: TriggerSet, result: RetrainResult, dataset: str | None = None
+) -> dict[str, Any]:
+    """Return the credential's `trigger_set` field: the commitment and how to query with it.
+
+    It names the scheme, where the set came from, its size and input shape, the class count,
+    the pixel normalisation a verifier applies before querying, the SHA-256 commitment to the
+    images and labels, and the trigger accuracy reached; never the images or labels.
+    """
+    mean, std = input_normalization(ticket, dataset)
+    return {
+        "scheme": "B1",
+        "source": triggers.source,
+        "size": triggers.size,
+        "input_shape": list(triggers.input_shape),
+        "num_classes": int(ticket.num_classes or 0),
+        "normalization": {"mean": list(mean), "std": list(std)},
+        "commitment": triggers.commitment(),
+        "accuracy": result.extra_accuracy,
+    }
 
 
 def sign_without_data(
@@ -279,6 +449,7 @@ def write_signed(result: SignResult, out: str | Path, *, inputs: Sequence[str | 
             seed=result.seed,
             credential_sha256=sha256_hex(credential_bytes(result.credential)),
             fingerprint=result.ticket.fingerprint,
+            trigger_set=result.triggers.to_dict() if result.triggers is not None else None,
         )
         for tmp, final in zip(staged, (ticket_path, cred_path, secret_path), strict=True):
             try:

@@ -139,6 +139,31 @@ def load_data(
     return _load_mnist(spec, name, root, download, split_seed)
 
 
+def pixel_normalization(
+    spec: str, *, split_seed: int = 0
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return the per-channel (mean, std) that turn pixels in [0, 1] into a dataset's model inputs.
+
+    A model input is `(pixel / 255 - mean) / std` for uint8 pixels, exactly as the dataset's own
+    splits are made, so images from elsewhere (trigger sets, a prediction server's PNG inputs)
+    reach the model on the scale it was trained on. Digits are standardised with the statistics
+    of their training split, so the answer depends on `split_seed`; no data is downloaded.
+    """
+    name, folder = _parse_spec(spec)
+    if folder is not None:
+        return (0.5,) * 3, (0.5,) * 3
+    if name == "digits":
+        if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+            raise ConfigError(f"split_seed must be a non-negative integer, got {split_seed!r}")
+        x, y = _digits_arrays()
+        train, _val, _test = _digits_split_indices(y, split_seed)
+        return (float(x[train].mean(dtype=np.float64)),), (float(x[train].std(dtype=np.float64)),)
+    if name in _CIFAR:
+        return _CIFAR[name].mean, _CIFAR[name].std
+    mean, std = _MNIST_STATS[name]
+    return (mean,), (std,)
+
+
 def default_data_dir() -> Path:
     """Return the data directory used when none is given ($TICKETGUARD_DATA or a user cache)."""
     env = os.environ.get("TICKETGUARD_DATA")

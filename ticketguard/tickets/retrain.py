@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 from ticketguard.errors import ConfigError, DatasetError
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.ticket import Ticket, load_state
-from ticketguard.tickets.training import TrainConfig, derive_seed, evaluate, train
+from ticketguard.tickets.training import ExtraSamples, TrainConfig, derive_seed, evaluate, train
 
 STARTS = ("trained", "rewind")
 
@@ -47,14 +48,48 @@ class RetrainConfig:
         }
 
 
+@dataclass(frozen=True)
+class MixedTraining:
+    """Retrain with extra samples (a trigger set) in every batch until the model has learnt them.
+
+    Training runs in cosine-annealed cycles of the retraining's own epochs and stops at the end
+    of the first cycle where accuracy on the extra samples reaches `target` and validation
+    accuracy is at most `tolerance` below the ticket's before retraining, or once `max_epochs`
+    (rounded up to whole cycles) have run.
+    """
+
+    samples: ExtraSamples
+    target: float = 0.95
+    tolerance: float = 0.01
+    max_epochs: int = 30
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target <= 1:
+            raise ConfigError(f"the target accuracy must be in (0, 1], got {self.target}")
+        if not 0 <= self.tolerance < 1:
+            raise ConfigError(f"the accuracy tolerance must be in [0, 1), got {self.tolerance}")
+        if self.max_epochs < 1:
+            raise ConfigError(f"the epoch limit must be >= 1, got {self.max_epochs}")
+
+
 @dataclass
 class RetrainResult:
-    """The retrained weights and the test accuracy before the change and after retraining."""
+    """The retrained weights and the test accuracy before the change and after retraining.
+
+    With mixed-in samples it also says how well they were learnt (`extra_accuracy`), whether
+    the stopping rule was met (`reached`) and, per epoch, the accuracy on them and on the
+    validation split (`history`).
+    """
 
     trained: dict[str, torch.Tensor]
     accuracy_before: float | None
     accuracy_after: float | None
     dataset: str
+    epochs: int = 0
+    extra_accuracy: float | None = None
+    reached: bool | None = None
+    val_before: float | None = None
+    history: list[dict[str, float | None]] | None = None
 
 
 def dataset_of(ticket: Ticket, override: str | None) -> tuple[str, int]:
@@ -112,8 +147,13 @@ def retrain(
     data_dir: str | Path | None = None,
     download: bool = False,
     progress: Callable[[int], None] | None = None,
+    mixed: MixedTraining | None = None,
 ) -> RetrainResult:
-    """Retrain `ticket` under `mask` (fixed) and measure test accuracy before and after."""
+    """Retrain `ticket` under `mask` (fixed) and measure test accuracy before and after.
+
+    With `mixed`, its samples join every batch and training runs until they are learnt (see
+    MixedTraining); otherwise it is `config.epochs` of cosine-annealed SGD.
+    """
     from ticketguard.tickets.data import load_data
 
     name, split_seed = dataset_of(ticket, config.dataset)
@@ -125,6 +165,8 @@ def retrain(
     model = ticket.build_model().to(device)
     before = evaluate(model, splits.test, device)
     load_state(model, starting_state(ticket, mask, config.start))
+    if mixed is not None:
+        return _retrain_mixed(ticket, mask, config, mixed, model, splits, device, before, progress)
     if config.epochs > 0:
         train(
             model,
@@ -138,4 +180,70 @@ def retrain(
     after = evaluate(model, splits.test, device)
     trained = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     mask.apply_(trained)
-    return RetrainResult(trained, before, after, name)
+    return RetrainResult(trained, before, after, name, epochs=config.epochs)
+
+
+def _retrain_mixed(
+    ticket: Ticket,
+    mask: Mask,
+    config: RetrainConfig,
+    mixed: MixedTraining,
+    model: torch.nn.Module,
+    splits: Any,
+    device: torch.device,
+    before: float | None,
+    progress: Callable[[int], None] | None,
+) -> RetrainResult:
+    """Train in cosine cycles of `config.epochs` (warm restarts) until the rule is met.
+
+    The rule is checked at the end of each cycle, where the learning rate has annealed to
+    zero and clean accuracy has recovered from the noisier middle of the cycle.
+    """
+    extra = TensorDataset(mixed.samples.inputs, mixed.samples.labels)
+    val_before = evaluate(ticket.build_model().to(device), splits.val, device)
+    cycle = max(config.epochs, 1)
+    cycles = max(1, -(-mixed.max_epochs // cycle))
+    history: list[dict[str, float | None]] = []
+    train_config = replace(_train_config(ticket, config), epochs=cycle, schedule="cosine")
+    device_mask = mask.to(device)
+    for k in range(cycles):
+        train(
+            model,
+            device_mask,
+            splits.train,
+            train_config,
+            device=device,
+            seed=derive_seed(config.seed, "retrain", "cycle", k),
+            progress=progress,
+            extra=mixed.samples,
+        )
+        history.append(
+            {
+                "epoch": (k + 1) * cycle,
+                "extra": evaluate(model, extra, device),
+                "val": evaluate(model, splits.val, device),
+            }
+        )
+        if _meets(history[-1], mixed, val_before):
+            break
+    after = evaluate(model, splits.test, device)
+    trained = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    mask.apply_(trained)
+    return RetrainResult(
+        trained,
+        before,
+        after,
+        splits.name,
+        epochs=len(history) * cycle,
+        extra_accuracy=history[-1]["extra"],
+        reached=_meets(history[-1], mixed, val_before),
+        val_before=val_before,
+        history=history,
+    )
+
+
+def _meets(last: dict[str, float | None], mixed: MixedTraining, val_before: float | None) -> bool:
+    """Return whether an epoch's accuracies meet the stopping rule of `mixed`."""
+    extra, val = last["extra"], last["val"]
+    clean_ok = val is None or val_before is None or val >= val_before - mixed.tolerance
+    return extra is not None and extra >= mixed.target and clean_ok

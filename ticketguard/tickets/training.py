@@ -179,6 +179,36 @@ class TrainResult:
     iterations: int
     last_loss: float
     captured: dict[str, torch.Tensor] | None = None
+    stopped_early: bool = False
+
+
+@dataclass(frozen=True)
+class ExtraSamples:
+    """Samples mixed into every training batch (a trigger set), `per_batch` at a time.
+
+    They are taken in a seeded order that cycles through all of them, a fresh permutation per
+    pass, so each is seen equally often; they are never augmented.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    per_batch: int
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.labels) or len(self.inputs) == 0:
+            raise ConfigError("extra samples need as many labels as inputs, and at least one")
+        if self.per_batch < 1:
+            raise ConfigError(f"extra samples per batch must be >= 1, got {self.per_batch}")
+
+    def stream(self, seed: int) -> Iterator[torch.Tensor]:
+        """Yield index batches of `per_batch` forever, cycling through seeded permutations."""
+        gen = torch.Generator().manual_seed(derive_seed(seed, "extra"))
+        pending = torch.empty(0, dtype=torch.int64)
+        while True:
+            while len(pending) < self.per_batch:
+                pending = torch.cat([pending, torch.randperm(len(self.labels), generator=gen)])
+            yield pending[: self.per_batch]
+            pending = pending[self.per_batch :]
 
 
 def train(
@@ -193,6 +223,8 @@ def train(
     capture_at: int | None = None,
     progress: Callable[[int], None] | None = None,
     dist: DistContext | None = None,
+    extra: ExtraSamples | None = None,
+    epoch_end: Callable[[int], bool] | None = None,
 ) -> TrainResult:
     """Train `model` (already on `device`) from `start_iteration` to the end of the schedule.
 
@@ -201,6 +233,9 @@ def train(
     returned (the rewind point). Batches are a deterministic function of `seed` and the epoch.
     Under an initialised process group, each rank takes its share of every global batch and the
     model should already be wrapped in DistributedDataParallel.
+
+    `extra` samples (a trigger set) are appended to every batch. `epoch_end(epoch)` is called
+    after each epoch (0-based) and may return True to stop training there.
     """
     dist = dist or DistContext.current()
     n = len(dataset)  # type: ignore[arg-type]
@@ -230,6 +265,8 @@ def train(
     captured = None
     iteration = start_iteration
     loss: torch.Tensor | None = None
+    stopped = False
+    extra_batches = extra.stream(derive_seed(seed, "extra", start_iteration)) if extra else None
     # Augmentation draws from torch's global RNG: seed it, and give the caller's state back after.
     with _forked_rng(device):
         torch.manual_seed(derive_seed(seed, "augment", start_iteration))
@@ -244,6 +281,10 @@ def train(
                     captured = {k: v.detach().clone().cpu() for k, v in core.state_dict().items()}
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr_at(iteration, total)
+                if extra is not None and extra_batches is not None:
+                    pick = next(extra_batches)
+                    x = torch.cat([x, extra.inputs[pick].to(x.dtype)])
+                    y = torch.cat([y, extra.labels[pick].to(y.dtype)])
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
@@ -260,10 +301,13 @@ def train(
                 raise TrainingDivergedError(
                     f"training diverged in epoch {epoch + 1} (loss {float(loss)}); lower the learning rate"
                 )
+            if epoch_end is not None and epoch_end(epoch):
+                stopped = epoch + 1 < config.epochs
+                break
         if capture_at is not None and capture_at == total:
             captured = {k: v.detach().clone().cpu() for k, v in core.state_dict().items()}
     last_loss = float(loss.detach()) if loss is not None else float("nan")
-    return TrainResult(iteration, last_loss, captured)
+    return TrainResult(iteration, last_loss, captured, stopped)
 
 
 @torch.no_grad()

@@ -1,11 +1,14 @@
-"""Verify a suspect model against a credential (W2) and/or a reference ticket (W1).
+"""Verify a suspect model against a credential (W2, B1) and/or a reference ticket (W1).
 
-Each piece of evidence is reported with its statistic, its p-value and the null it was computed
-against; the verdict (verify/stats.py) applies Bonferroni over the statistical evidences tried.
+White-box evidence (W1, W2) reads the suspect's weights; black-box evidence (B1) queries the
+suspect with the owner's trigger set. Each piece of evidence is reported with its statistic, its
+p-value and the null it was computed against; the verdict (verify/stats.py) applies Bonferroni
+over all the statistical evidences tried, white-box and black-box together.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +17,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ticketguard.errors import ArchitectureError, ConfigError, EmbeddingError
+from ticketguard.errors import ArchitectureError, ConfigError, EmbeddingError, TriggerSetError
 from ticketguard.signatures.credential import Credential, message_of, payload_of, read_credential
 from ticketguard.signatures.keys import OwnerKey, PublicKey
 from ticketguard.signatures.payload import embedded_bits, recover_payload
 from ticketguard.signatures.structure import ChannelStructure
+from ticketguard.signatures.triggers import (
+    MAX_TRIGGERS,
+    SOURCES,
+    TriggerSet,
+    generate_triggers,
+)
 from ticketguard.signatures.w2 import W2Params, keyed_positions, position_matrices, read_bits
 from ticketguard.tickets.loading import LoadedCheckpoint, load_checkpoint
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.ticket import Ticket, load_ticket
 from ticketguard.verify.alignment import align_masks, mask_overlap
+from ticketguard.verify.blackbox import Suspect, query_labels
 from ticketguard.verify.recovery import recover_mask
 from ticketguard.verify.stats import (
     Evidence,
@@ -38,18 +48,21 @@ from ticketguard.verify.stats import (
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    """Verification settings: significance level, size of the W1 null, its seed, alignment."""
+    """Verification settings: significance level, W1 null size and seed, alignment, batching."""
 
     alpha: float = 1e-6
     null_samples: int = 50
     seed: int = 0
     align: bool = True
+    batch_size: int = 64
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 1:
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
         if self.null_samples < 2:
             raise ConfigError(f"the W1 null needs at least 2 samples, got {self.null_samples}")
+        if self.batch_size < 1:
+            raise ConfigError(f"the query batch size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -65,6 +78,7 @@ class VerificationReport:
     w1: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    blackbox: dict[str, Any] | None = None
 
     @property
     def verified(self) -> bool:
@@ -77,6 +91,7 @@ class VerificationReport:
             "mask_sources": self.mask_sources,
             "alignment": self.alignment,
             "w1": self.w1,
+            "blackbox": self.blackbox,
             "problems": self.problems,
             "notes": self.notes,
             "evidence": [e.to_dict() for e in self.evidences],
@@ -145,7 +160,7 @@ def _check_credential(
 
 
 def verify(
-    suspect: str | Path | LoadedCheckpoint,
+    suspect: str | Path | LoadedCheckpoint | None,
     *,
     credential: str | Path | None = None,
     key: OwnerKey | None = None,
@@ -154,9 +169,21 @@ def verify(
     public_key: PublicKey | None = None,
     null_tickets: Sequence[str | Path] = (),
     config: VerifyConfig | None = None,
+    blackbox: Suspect | None = None,
 ) -> VerificationReport:
-    """Read the owner's evidence back from a suspect model and judge it."""
+    """Read the owner's evidence back from a suspect model and judge it.
+
+    `suspect` is the model file whose weights are read (white-box evidence), or None when only
+    `blackbox` is at hand: a suspect that answers queries (a model, an endpoint, a function),
+    which is sent the credential's trigger set (B1). With both, both are judged together.
+    """
     config = config or VerifyConfig()
+    if suspect is None and blackbox is None:
+        raise ConfigError("give a suspect model file, a queryable suspect, or both")
+    if blackbox is not None and credential is None:
+        raise ConfigError("black-box verification needs the credential (with --key or --reveal)")
+    if suspect is None and reference is not None:
+        raise ConfigError("a reference ticket is compared with the suspect's weights: give them")
     if credential is None and reference is None:
         raise ConfigError("give a credential (with --key or --reveal), a reference ticket, or both")
     if credential is not None and key is None and reveal is None:
@@ -167,7 +194,11 @@ def verify(
         raise ConfigError("null tickets are compared with a reference ticket: give one")
     if len(null_tickets) == 1:
         raise ConfigError("the null of independently found tickets needs at least 2 of them")
-    loaded = suspect if isinstance(suspect, LoadedCheckpoint) else load_checkpoint(suspect)
+    loaded = (
+        suspect
+        if isinstance(suspect, LoadedCheckpoint) or suspect is None
+        else load_checkpoint(suspect)
+    )
     ref = (
         reference if isinstance(reference, Ticket) or reference is None else load_ticket(reference)
     )
@@ -207,6 +238,26 @@ def verify(
     params = checked.params if usable and checked else None
     seed = checked.seed if usable and checked else None
 
+    black: list[Evidence] = []
+    blackbox_info = None
+    if blackbox is not None and checked is not None:
+        if checked.credential.valid and checked.seed is not None:
+            try:
+                b1_evidence, blackbox_info = _b1(
+                    checked.credential, checked.seed, reveal, blackbox, config
+                )
+            except TriggerSetError as exc:
+                problems.append(str(exc))
+            else:
+                black.append(b1_evidence)
+        elif not problems:
+            problems.append("the trigger set cannot be checked without a valid credential and seed")
+
+    if loaded is None:
+        return _report(
+            None, black, config, problems, notes, cred_info, {}, None, None, blackbox_info
+        )
+
     # Counts steer top-magnitude recovery; the owner's reference is trusted over a credential.
     counts: dict[str, int] = {}
     if params is not None:
@@ -242,7 +293,32 @@ def verify(
     if params is not None and seed is not None and checked is not None:
         pinned = key is not None or public_key is not None
         evidences += _w2(checked.credential, params, seed, positions or [], read_mask, pinned)
+    return _report(
+        loaded,
+        evidences + black,
+        config,
+        problems,
+        notes,
+        cred_info,
+        sources,
+        alignment_info,
+        w1_info,
+        blackbox_info,
+    )
 
+
+def _report(
+    loaded: LoadedCheckpoint | None,
+    evidences: list[Evidence],
+    config: VerifyConfig,
+    problems: list[str],
+    notes: list[str],
+    cred_info: dict[str, Any] | None,
+    sources: dict[str, str],
+    alignment_info: dict[str, Any] | None,
+    w1_info: dict[str, Any] | None,
+    blackbox_info: dict[str, Any] | None,
+) -> VerificationReport:
     verdict = judge(evidences, config.alpha)
     if problems:
         # A credential that fails its own checks discredits the claim made with it, whatever
@@ -255,11 +331,15 @@ def verify(
             decisive=[],
             reason="not verified: " + "; ".join(problems),
         )
-    suspect_info = {
-        "path": str(loaded.path),
-        "format": loaded.source_format,
-        "notes": list(loaded.notes),
-    }
+    if loaded is not None:
+        suspect_info = {
+            "path": str(loaded.path),
+            "format": loaded.source_format,
+            "notes": list(loaded.notes),
+        }
+    else:
+        described = (blackbox_info or {}).get("suspect", "a queryable suspect")
+        suspect_info = {"path": described, "format": "black box (queried)", "notes": []}
     return VerificationReport(
         suspect_info,
         evidences,
@@ -270,7 +350,156 @@ def verify(
         w1_info,
         problems,
         notes,
+        blackbox_info,
     )
+
+
+B1_NAME = "B1 triggers"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def trigger_field(document: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a credential's `trigger_set` field, checked; raise an error naming what is wrong."""
+    record = document.get("trigger_set")
+    if record is None:
+        raise ConfigError(
+            "the credential has no trigger set (the ticket was signed without --trigger)"
+        )
+
+    def bad(what: str) -> TriggerSetError:
+        return TriggerSetError(f"the credential's trigger_set field {what}")
+
+    if not isinstance(record, dict):
+        raise bad("is not an object")
+    if record.get("scheme") != "B1" or record.get("source") not in SOURCES:
+        raise bad("names no known scheme and source")
+    size, classes, shape = record.get("size"), record.get("num_classes"), record.get("input_shape")
+    if not _is_int(size) or not 1 <= size <= MAX_TRIGGERS:
+        raise bad(f"has no size in 1..{MAX_TRIGGERS}")
+    if not _is_int(classes) or classes < 2:
+        raise bad("has no class count >= 2")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or not all(_is_int(v) and 1 <= v <= 4096 for v in shape)
+    ):
+        raise bad("has no input shape [C, H, W]")
+    norm = record.get("normalization")
+    if not isinstance(norm, dict):
+        raise bad("has no normalization")
+    for name in ("mean", "std"):
+        values = norm.get(name)
+        if (
+            not isinstance(values, list)
+            or len(values) != shape[0]
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+            or not all(np.isfinite(values))
+        ):
+            raise bad(f"has no {name} per input channel")
+    if not all(v > 0 for v in norm["std"]):
+        raise bad("has a std that is not positive")
+    if not isinstance(record.get("commitment"), str) or not _SHA256_HEX.fullmatch(
+        record["commitment"]
+    ):
+        raise bad("has no commitment of 64 lowercase hex digits")
+    return record
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resolve_triggers(
+    document: Mapping[str, Any], seed: bytes, reveal: str | Path | None
+) -> TriggerSet:
+    """Return the trigger set a credential commits to, from the seed or the secret file.
+
+    A generated set is always re-drawn from the (checked) embedding seed, so its labels are
+    known to be random; a copy in a revealed secret file must equal it. An imported set comes
+    from the revealed secret file only. Either way the set must match the credential's
+    commitment. A missing secret file is a usage error (ConfigError); a set that does not
+    match is a TriggerSetError, which the report names as a problem.
+    """
+    from ticketguard.signatures.credential import read_secret_document
+
+    record = trigger_field(document)
+    stored = read_secret_document(reveal).get("trigger_set") if reveal is not None else None
+    if record["source"] == "generated":
+        triggers = generate_triggers(
+            seed, record["size"], tuple(record["input_shape"]), record["num_classes"]
+        )
+        revealed = None if stored is None else TriggerSet.from_dict(stored, what=f"{reveal}")
+        if revealed is not None and revealed != triggers:
+            raise TriggerSetError(
+                "the revealed trigger set is not the one drawn from the seed, yet the credential "
+                "calls it generated"
+            )
+    elif stored is not None:
+        triggers = TriggerSet.from_dict(stored, what=f"{reveal}: trigger set")
+    else:
+        raise ConfigError(
+            "the trigger set was imported from a folder, so only the owner's secret file holds "
+            "it: give --reveal OUT.secret.json"
+            + ("" if reveal is None else f" ({reveal} holds no trigger set)")
+        )
+    if triggers.commitment() != record["commitment"]:
+        raise TriggerSetError(
+            "the trigger set does not match the credential's commitment (a different set, or one "
+            "chosen after the credential was issued)"
+        )
+    return triggers
+
+
+def _b1(
+    credential: Credential,
+    seed: bytes,
+    reveal: str | Path | None,
+    suspect: Suspect,
+    config: VerifyConfig,
+) -> tuple[Evidence, dict[str, Any]]:
+    """Query the suspect with the committed trigger set; count hits against a conservative null."""
+    document = credential.document or {}
+    triggers = resolve_triggers(document, seed, reveal)
+    norm = trigger_field(document)["normalization"]
+    inputs = triggers.inputs(norm["mean"], norm["std"])
+    try:
+        result = query_labels(suspect, inputs, triggers.images, batch_size=config.batch_size)
+    finally:
+        close = getattr(suspect, "close", None)
+        if callable(close):
+            close()
+    hits = int((torch.as_tensor(result.labels) == triggers.labels).sum())
+    size = triggers.size
+    p0 = triggers.max_label_frequency()
+    log10_p = binomial_log10_tail(size, hits, p0)
+    info = {
+        "suspect": getattr(suspect, "description", type(suspect).__name__),
+        "source": triggers.source,
+        "hits": hits,
+        "size": size,
+        "null_hit_rate": p0,
+        "requests": result.requests,
+        "batch_size": config.batch_size,
+        "seconds": result.seconds,
+        "queries_per_second": result.queries_per_second,
+    }
+    evidence = Evidence(
+        name=B1_NAME,
+        kind="statistical",
+        summary=f"{hits}/{size} trigger labels match (null hit rate {p0:.2f})",
+        log10_p=log10_p,
+        null=(
+            f"Binomial({size}, {p0:.2f}): a model that never saw the set is taken to hit no more "
+            "often than a constant predictor of the most frequent trigger label"
+            + (
+                " (labels drawn independently of the images)"
+                if triggers.source == "generated"
+                else " (an assumption for an imported set: its labels may follow its images)"
+            )
+        ),
+        details=info,
+    )
+    return evidence, info
 
 
 def _reference_positions(
