@@ -6,7 +6,13 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["bench_masked_step", "bench_whitebox", "bench_graphstats", "bench_blackbox"]
+BENCHMARKS = [
+    "bench_masked_step",
+    "bench_whitebox",
+    "bench_graphstats",
+    "bench_blackbox",
+    "bench_w3",
+]
 
 
 def main() -> None:

@@ -68,9 +68,18 @@ echo "== 9. White box and black box together: the signed file, read and queried 
     --key "$out/alice.key"
 
 echo
-echo "== 10. An extreme ticket: remove 300 magnitude-weighted paths and retrain =="
+echo "== 10. The paper's visual scheme: a QR code in one layer's connectivity (W3), and its pictures =="
+"$tg" sign "$out/run/final.ticket" --key "$out/alice.key" --out "$out/qr.ticket" --force \
+    --scheme qr --qr-text "alice@example.org"
+"$tg" verify "$out/qr.ticket" --credential "$out/qr.cred.json" --key "$out/alice.key"
+rm -rf "$out/pictures"
+"$tg" render "$out/qr.ticket" --credential "$out/qr.cred.json" --out "$out/pictures"
+
+echo
+echo "== 11. An extreme ticket: remove 300 magnitude-weighted paths and retrain =="
 "$tg" thin "$out/signed.ticket" --paths 300 --out "$out/extreme.ticket" --force
 
 echo
 echo "Outputs in $out: run/ (final.ticket, rounds/, log.json), ticket.graphml, alice.key/.pub,"
-echo "signed.ticket, signed.cred.json, signed.secret.json (seed and trigger set), extreme.ticket"
+echo "signed.ticket, signed.cred.json, signed.secret.json (seed and trigger set), qr.ticket (+ .cred.json,"
+echo ".secret.json), pictures/ (connectivity.png, qr.png, comparison.png), extreme.ticket"

@@ -8,6 +8,7 @@ from ticketguard import __version__
 from ticketguard.cli.find import find
 from ticketguard.cli.inspect import inspect
 from ticketguard.cli.keygen import keygen
+from ticketguard.cli.render import render
 from ticketguard.cli.serve import serve
 from ticketguard.cli.sign import sign, thin
 from ticketguard.cli.verify import verify
@@ -22,6 +23,7 @@ def cli() -> None:
 cli.add_command(find)
 cli.add_command(inspect)
 cli.add_command(keygen)
+cli.add_command(render)
 cli.add_command(serve)
 cli.add_command(sign)
 cli.add_command(thin)

@@ -67,6 +67,22 @@ force_option = click.option("--force", is_flag=True, help="Replace existing outp
     "the classifier). Repeatable; names or globs.",
 )
 @click.option(
+    "--scheme",
+    type=click.Choice(["w2", "qr"], case_sensitive=False),
+    default="w2",
+    show_default=True,
+    help="w2: the owner's signature in keyed positions of many layers; qr: a QR code of "
+    "--qr-text in a keyed window of one layer (W3, readable by eye and by a phone).",
+)
+@click.option("--qr-text", default=None, metavar="TEXT", help="Text of the QR code (--scheme qr).")
+@click.option(
+    "--layer",
+    "qr_layer",
+    default=None,
+    metavar="NAME",
+    help="The layer that holds the QR code (--scheme qr; default: the one with the most room).",
+)
+@click.option(
     "--ecc-symbols",
     default=64,
     show_default=True,
@@ -171,6 +187,9 @@ def sign(
     passphrase_file: str | None,
     out: str,
     layers: tuple[str, ...],
+    scheme: str,
+    qr_text: str | None,
+    qr_layer: str | None,
     ecc_symbols: int,
     recover_epochs: int,
     recover_lr: float,
@@ -191,7 +210,7 @@ def sign(
     device: str,
     force: bool,
 ) -> None:
-    """Embed the owner's signature (W2) into TICKET's mask; issue its credential.
+    """Sign TICKET: embed a W2 signature or a W3 QR code; issue its credential.
 
     Writes the signed ticket, its credential OUT.cred.json (public: give it with the model) and
     OUT.secret.json (mode 0600: the embedding seed and any trigger set, for the owner and,
@@ -205,9 +224,12 @@ def sign(
       ticketguard sign runs/digits/final.ticket --key keys/alice.key --out signed.ticket
       ticketguard sign runs/digits/final.ticket --key keys/alice.key --out signed.ticket \\
           --trigger generate
+      ticketguard sign runs/digits/final.ticket --key keys/alice.key --out qr.ticket \\
+          --scheme qr --qr-text "alice@example.org 2026"
     """
     from ticketguard.api import sign as sign_file
     from ticketguard.signatures.signing import SignConfig, TriggerConfig, output_paths
+    from ticketguard.signatures.w3 import W3Params
 
     triggers = None
     if trigger is not None:
@@ -241,13 +263,23 @@ def sign(
         )
         if stray:
             raise click.UsageError(f"{stray[0]} belongs to --trigger generate|DIR")
-    config = SignConfig(
-        layers=tuple(layers) or None,
-        ecc_symbols=ecc_symbols,
-        retrain=_retrain_config(recover_epochs, recover_lr, recover_from, dataset, seed),
-        random_seed=random_seed,
-        triggers=triggers,
-    )
+    if scheme.lower() == "qr":
+        stray = given_options(click.get_current_context(), "ecc_symbols")
+        if stray:
+            raise click.UsageError(f"{stray[0]} belongs to the W2 scheme, not --scheme qr")
+    try:
+        config = SignConfig(
+            layers=tuple(layers) or None,
+            ecc_symbols=ecc_symbols,
+            retrain=_retrain_config(recover_epochs, recover_lr, recover_from, dataset, seed),
+            random_seed=random_seed,
+            triggers=triggers,
+            scheme="W3" if scheme.lower() == "qr" else "W2",
+            qr_text=qr_text,
+            qr_layer=qr_layer,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     result = sign_file(
         ticket,
         key_path,
@@ -260,11 +292,21 @@ def sign(
         force=force,
     )
     ticket_path, cred_path, secret_path = output_paths(out)
-    layer_text = ", ".join(f"{layer.name} {layer.bits}" for layer in result.params.layers)
-    click.echo(
-        f"embedded {result.params.num_bits} bits ({layer_text}); "
-        f"{result.changed_connections} mask entries changed, weight counts unchanged"
-    )
+    params = result.params
+    if isinstance(params, W3Params):
+        size = params.size
+        click.echo(
+            f"wrote a version-{params.symbol.version} QR code ({size}x{size}, level H) of "
+            f"{params.symbol.text!r} into {params.layer.name} at rows {params.row}-"
+            f"{params.row + size - 1}, columns {params.col}-{params.col + size - 1}; "
+            f"{result.changed_connections} mask entries changed, weight counts unchanged"
+        )
+    else:
+        layer_text = ", ".join(f"{layer.name} {layer.bits}" for layer in params.layers)
+        click.echo(
+            f"embedded {params.num_bits} bits ({layer_text}); "
+            f"{result.changed_connections} mask entries changed, weight counts unchanged"
+        )
     click.echo(
         f"accuracy on {result.dataset}: {percent(result.accuracy_before)} before signing, "
         f"{percent(result.accuracy_after)} after"

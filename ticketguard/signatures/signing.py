@@ -30,6 +30,7 @@ from ticketguard.signatures.w2 import (
     plan_embedding,
     write_bits,
 )
+from ticketguard.signatures.w3 import W3Params, choose_layer, make_symbol, plan_qr, write_qr
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.retrain import (
     MixedTraining,
@@ -87,15 +88,37 @@ class TriggerConfig:
         return self.source == "generate"
 
 
+SCHEMES = ("W2", "W3")
+
+
 @dataclass(frozen=True)
 class SignConfig:
-    """How a ticket is signed: which layers carry bits, the code strength, the retraining."""
+    """How a ticket is signed: the scheme and its layers, the code strength, the retraining.
+
+    W2 (default) writes the owner's signature into keyed positions of `layers`; W3 writes a QR
+    code of `qr_text` into a keyed window of one layer (`qr_layer`, else the roomiest).
+    """
 
     layers: tuple[str, ...] | None = None
     ecc_symbols: int = 64
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     random_seed: bool = False
     triggers: TriggerConfig | None = None
+    scheme: str = "W2"
+    qr_text: str | None = None
+    qr_layer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(
+                f"the scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}"
+            )
+        if self.scheme == "W3" and not self.qr_text:
+            raise ConfigError("the QR scheme needs the text to encode (--qr-text)")
+        if self.scheme != "W3" and (self.qr_text is not None or self.qr_layer is not None):
+            raise ConfigError("--qr-text and --layer belong to the QR scheme (--scheme qr)")
+        if self.scheme == "W3" and self.layers:
+            raise ConfigError("the QR scheme writes into one layer: give --layer, not --layers")
 
 
 @dataclass
@@ -105,7 +128,7 @@ class SignResult:
     ticket: Ticket
     credential: dict[str, Any]
     seed: bytes
-    params: W2Params
+    params: W2Params | W3Params
     accuracy_before: float | None
     accuracy_after: float | None
     changed_connections: int
@@ -143,7 +166,7 @@ class Embedding:
     mask: Mask
     payload: bytes
     seed: bytes
-    params: W2Params
+    params: W2Params | W3Params
     created: str
     changed_connections: int
 
@@ -151,7 +174,11 @@ class Embedding:
 def embed_owner_signature(
     ticket: Ticket, key: OwnerKey, config: SignConfig | None = None, *, created: str | None = None
 ) -> Embedding:
-    """Choose the seed and layers, sign the payload message and write it into the mask (pure)."""
+    """Choose the seed and layers, sign the payload message and write the mark into the mask.
+
+    W2 writes the payload (the owner's signature) itself; W3 writes the QR code of the config's
+    text, and the payload is only carried by the credential. Pure: no training, no files.
+    """
     from ticketguard import __version__
     from ticketguard.tickets.finding import creation_time
 
@@ -161,15 +188,28 @@ def embed_owner_signature(
     created = created or creation_time()
     before = ticket.fingerprint
     seed = os.urandom(32) if config.random_seed else key.derive_seed(before)
-    chosen = _resolve_layers(ticket, config.layers)
-    names = eligible_layers(ticket.mask, excluded_layers(ticket), chosen)
-    params = plan_embedding(ticket.mask, names, EccParams(config.ecc_symbols))
     payload = key.sign(
         payload_message(
             owner=key.owner, created=created, fingerprint=before, toolkit_version=__version__
         )
     )
-    mask, _ = embed_signature(ticket, payload, seed, params)
+    params: W2Params | W3Params
+    if config.scheme == "W3":
+        symbol = make_symbol(config.qr_text or "")
+        chosen = _resolve_layers(ticket, [config.qr_layer] if config.qr_layer else None)
+        if chosen is not None and len(chosen) != 1:
+            raise EmbeddingError(
+                f"--layer {config.qr_layer!r} names {len(chosen)} layers; the QR code goes into one"
+            )
+        names = eligible_layers(ticket.mask, excluded_layers(ticket), chosen)
+        layer = names[0] if config.qr_layer else choose_layer(ticket.mask, names, symbol.size)
+        params = plan_qr(ticket.mask, layer, symbol, seed)
+        mask = write_qr(ticket.mask, ticket.trained, ticket.rewind, params)
+    else:
+        chosen = _resolve_layers(ticket, config.layers)
+        names = eligible_layers(ticket.mask, excluded_layers(ticket), chosen)
+        params = plan_embedding(ticket.mask, names, EccParams(config.ecc_symbols))
+        mask, _ = embed_signature(ticket, payload, seed, params)
     changed = sum(int((mask[n] != ticket.mask[n]).sum()) for n in mask)
     return Embedding(mask, payload, seed, params, created, changed)
 

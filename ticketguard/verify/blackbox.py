@@ -363,11 +363,13 @@ class HttpSuspect:
         a server that drips its answer a byte at a time cannot hold verification up.
         """
         conn = self._connection()
+        # Held here: http.client drops `conn.sock` once an HTTP/1.0 answer starts, but the
+        # answer is still read from this socket.
+        sock = conn.sock
         expired = threading.Event()
 
         def expire() -> None:
             expired.set()
-            sock = conn.sock
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)

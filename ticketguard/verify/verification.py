@@ -20,7 +20,7 @@ import torch
 from ticketguard.errors import ArchitectureError, ConfigError, EmbeddingError, TriggerSetError
 from ticketguard.signatures.credential import Credential, message_of, payload_of, read_credential
 from ticketguard.signatures.keys import OwnerKey, PublicKey
-from ticketguard.signatures.payload import embedded_bits, recover_payload
+from ticketguard.signatures.payload import EccParams, embedded_bits, recover_payload
 from ticketguard.signatures.structure import ChannelStructure
 from ticketguard.signatures.triggers import (
     MAX_TRIGGERS,
@@ -29,6 +29,8 @@ from ticketguard.signatures.triggers import (
     generate_triggers,
 )
 from ticketguard.signatures.w2 import W2Params, keyed_positions, position_matrices, read_bits
+from ticketguard.signatures.w3 import SCHEME as W3_SCHEME
+from ticketguard.signatures.w3 import W3Params, keyed_window, read_qr, window_positions
 from ticketguard.tickets.loading import LoadedCheckpoint, load_checkpoint
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.ticket import Ticket, load_ticket
@@ -127,7 +129,7 @@ def _random_mask(
 @dataclass
 class _Credential:
     credential: Credential
-    params: W2Params | None
+    params: W2Params | W3Params | None
     seed: bytes | None
     problems: list[str]
 
@@ -153,10 +155,30 @@ def _check_credential(
             problems.append(problem)
             seed = None
         try:
-            params = W2Params.from_dict(cred.document["embedding"])  # type: ignore[index]
+            params = embedding_params(cred.document["embedding"])  # type: ignore[index]
         except (EmbeddingError, ConfigError) as exc:
             problems.append(str(exc))
+        if isinstance(params, W3Params) and seed is not None:
+            # The window is public in the credential, but it must be where the seed puts it.
+            if keyed_window(seed, params.layer.shape, params.size) != (params.row, params.col):
+                problems.append(
+                    "the credential's QR window is not where the embedding seed places it"
+                )
     return _Credential(cred, params, seed, problems)
+
+
+def embedding_params(embedding: Any) -> W2Params | W3Params:
+    """Read a credential's embedding parameters for its scheme (W2 or W3), validating them."""
+    if isinstance(embedding, dict) and embedding.get("scheme") == W3_SCHEME:
+        return W3Params.from_dict(embedding)
+    return W2Params.from_dict(embedding)
+
+
+def embedded_positions(seed: bytes, params: W2Params | W3Params) -> list[np.ndarray]:
+    """Return, per layer of the embedding, the flat connectivity indices that carry the mark."""
+    if isinstance(params, W3Params):
+        return [window_positions(params)]
+    return keyed_positions(seed, params)
 
 
 def verify(
@@ -266,7 +288,9 @@ def verify(
         counts.update({n: int(m.sum()) for n, m in ref.mask.items()})
     mask, sources = recover_mask(loaded, list(counts), counts)
 
-    positions = keyed_positions(seed, params) if params is not None and seed is not None else None
+    positions = (
+        embedded_positions(seed, params) if params is not None and seed is not None else None
+    )
     exclude = None
     if positions is not None and params is not None and ref is not None:
         exclude = _reference_positions(params, positions, ref.mask)
@@ -291,8 +315,11 @@ def verify(
         evidences.append(w1_evidence)
 
     if params is not None and seed is not None and checked is not None:
-        pinned = key is not None or public_key is not None
-        evidences += _w2(checked.credential, params, seed, positions or [], read_mask, pinned)
+        if isinstance(params, W3Params):
+            evidences.append(_w3(params, read_mask))
+        else:
+            pinned = key is not None or public_key is not None
+            evidences += _w2(checked.credential, params, seed, positions or [], read_mask, pinned)
     return _report(
         loaded,
         evidences + black,
@@ -503,7 +530,9 @@ def _b1(
 
 
 def _reference_positions(
-    params: W2Params, positions: Sequence[np.ndarray], reference: Mapping[str, torch.Tensor]
+    params: W2Params | W3Params,
+    positions: Sequence[np.ndarray],
+    reference: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Return the embedded positions as channel matrices, for the reference's matching layers.
 
@@ -519,7 +548,7 @@ def _reference_positions(
     ]
     if not kept:
         return {}
-    sub = W2Params(tuple(layer for layer, _ in kept), params.ecc)
+    sub = W2Params(tuple(layer for layer, _ in kept), EccParams())
     return position_matrices(sub, [pos for _, pos in kept])
 
 
@@ -572,6 +601,54 @@ def _w2(
         details={"decoded": decoded is not None},
     )
     return [bits_evidence, payload_evidence]
+
+
+def _w3(params: W3Params, mask: Mapping[str, torch.Tensor]) -> Evidence:
+    """Read the QR window: data-module agreement against its chance level, and a QR reader."""
+    where = f"QR window in {params.layer.name} at ({params.row}, {params.col})"
+    null = (
+        "Binomial(n, c), c = max(w, 1 - w) with w the light fraction of the code's data modules: "
+        "the most a window placed independently of the code agrees on, whatever its density"
+    )
+    reading = read_qr(mask, params)
+    if reading is None:
+        return Evidence(
+            name="W3 QR",
+            kind="statistical",
+            summary=f"{where}: the suspect has no such layer of that shape",
+            log10_p=0.0,
+            null=null,
+            details={"readable": False},
+        )
+    agree = reading.modules - reading.mismatches
+    if reading.decoded == params.symbol.text:
+        decoded = f"a QR reader decodes {params.symbol.text!r}"
+    elif reading.decoded is not None:
+        decoded = f"a QR reader decodes other text {reading.decoded[:60]!r}"
+    else:
+        decoded = "a QR reader does not decode it"
+    return Evidence(
+        name="W3 QR",
+        kind="statistical",
+        summary=(
+            f"{where}: {reading.mismatches}/{reading.modules} data modules differ "
+            f"(chance agreement {100 * reading.chance:.1f}%); {decoded}"
+        ),
+        log10_p=binomial_log10_tail(reading.modules, agree, reading.chance),
+        null=null,
+        details={
+            "readable": True,
+            "layer": params.layer.name,
+            "window": {"row": params.row, "col": params.col, "size": params.size},
+            "modules": reading.modules,
+            "mismatches": reading.mismatches,
+            "chance": reading.chance,
+            "density": reading.density,
+            "decoded": reading.decoded,
+            "expected": params.symbol.text,
+            "decodes_expected": reading.decoded == params.symbol.text,
+        },
+    )
 
 
 def _w1(
