@@ -607,3 +607,34 @@ def test_mixed_training_refuses_bad_settings() -> None:
     for kwargs in ({"target": 0.0}, {"target": 1.5}, {"tolerance": -0.1}, {"max_epochs": 0}):
         with pytest.raises(ConfigError):
             MixedTraining(extra, **kwargs)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_png_queries_warn_when_the_server_normalises_otherwise(owner: dict, shifted: bool) -> None:
+    import threading
+
+    from ticketguard.tickets.data import pixel_normalization
+    from ticketguard.verify.blackbox import HttpSuspect
+    from ticketguard.verify.server import PredictionService, make_server
+
+    mean, std = pixel_normalization("digits")
+    if shifted:
+        mean = (mean[0] + 0.1,)
+    service = PredictionService(
+        load_ticket(owner["signed"]).build_model(),
+        input_shape=(1, 8, 8),
+        normalization=(mean, std),
+        device=torch.device("cpu"),
+        description="signed",
+    )
+    server = make_server(service, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        suspect = HttpSuspect(server.url + "/predict", send="png")
+        report = verify(None, credential=owner["cred"], key=_key(owner), blackbox=suspect)
+    finally:
+        server.shutdown()
+        server.server_close()
+    warned = [n for n in report.notes if "normalises PNG inputs" in n]
+    assert len(warned) == (1 if shifted else 0), report.notes
+    assert report.blackbox["warning"] == (warned[0] if shifted else None)

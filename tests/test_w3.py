@@ -366,3 +366,31 @@ def test_cli_qr_with_a_trigger_set_gives_both_evidences(make_ticket, tmp_path: P
     assert [e["name"] for e in report["evidence"]] == ["W3 QR", "B1 triggers"]
     assert report["verdict"]["tests"] == 2
     assert check.exit_code == 0
+
+
+def test_other_windows_of_the_layer_are_scored_exactly(make_ticket) -> None:
+
+    ticket = _ticket(make_ticket)
+    params = plan_qr(ticket.mask, "fc1.weight", make_symbol(TEXT), b"\x08" * 32)
+    signed = write_qr(ticket.mask, ticket.trained, ticket.rewind, params)
+    conn = channel_connectivity(signed["fc1.weight"])
+    reading = read_qr(signed, params)
+    others = reading.others
+    assert others is not None and others.exceeding == 0
+    assert others.empirical_p == pytest.approx(1 / (1 + others.count))
+    # Brute force over every offset that does not overlap the recorded window.
+    data = ~params.symbol.function
+    light = ~params.symbol.dark
+    scores = []
+    for r in range(conn.shape[0] - 28):
+        for c in range(conn.shape[1] - 28):
+            if abs(r - params.row) < 29 and abs(c - params.col) < 29:
+                continue
+            window = conn[r : r + 29, c : c + 29].numpy()
+            scores.append(int((window[data] == light[data]).sum()))
+    assert others.count == len(scores)
+    assert others.best == max(scores)
+    assert others.mean == pytest.approx(float(np.mean(scores)))
+    # An unsigned layer's recorded window is just one window among many.
+    unsigned = read_qr(ticket.mask, params)
+    assert unsigned.others.empirical_p > 0.01

@@ -338,6 +338,62 @@ class QrReading:
     chance: float
     density: float
     decoded: str | None
+    others: OtherWindows | None = None
+
+
+#: Layers with more connectivity entries than this are not scanned for other windows.
+MAX_SCAN_ENTRIES = 1 << 24
+
+
+@dataclass(frozen=True)
+class OtherWindows:
+    """How well the code fits every other window of the layer: a null from the suspect itself.
+
+    Windows overlapping the recorded one are left out. `exceeding` counts the windows that agree
+    at least as well as the recorded one; `(1 + exceeding) / (1 + count)` is an empirical p-value.
+    """
+
+    count: int
+    mean: float
+    std: float
+    best: int
+    exceeding: int
+
+    @property
+    def empirical_p(self) -> float:
+        return (1 + self.exceeding) / (1 + self.count)
+
+
+def other_windows(conn: torch.Tensor, params: W3Params, agree: int) -> OtherWindows | None:
+    """Score the code against every window of `conn` that does not overlap the recorded one.
+
+    Agreement at every offset is two cross-correlations of the connectivity with the code's light
+    and dark data modules (vectorised; no loop over offsets or modules). None when the layer is
+    larger than MAX_SCAN_ENTRIES or has no window apart from the recorded one.
+    """
+    out, inp = conn.shape
+    size = params.size
+    if out * inp > MAX_SCAN_ENTRIES:
+        return None
+    data = ~params.symbol.function
+    light = torch.from_numpy((data & ~params.symbol.dark).astype(np.float32))[None, None]
+    dark = torch.from_numpy((data & params.symbol.dark).astype(np.float32))[None, None]
+    a = conn.float()[None, None]
+    scores = torch.nn.functional.conv2d(a, light) + torch.nn.functional.conv2d(1 - a, dark)
+    scores = scores[0, 0].round().to(torch.int64)
+    rows = torch.arange(scores.shape[0])[:, None]
+    cols = torch.arange(scores.shape[1])[None, :]
+    overlapping = ((rows - params.row).abs() < size) & ((cols - params.col).abs() < size)
+    others = scores[~overlapping].double()
+    if others.numel() == 0:
+        return None
+    return OtherWindows(
+        count=int(others.numel()),
+        mean=float(others.mean()),
+        std=float(others.std()) if others.numel() > 1 else 0.0,
+        best=int(others.max()),
+        exceeding=int((others >= agree).sum()),
+    )
 
 
 def read_qr(mask: Mapping[str, torch.Tensor], params: W3Params) -> QrReading | None:
@@ -357,10 +413,13 @@ def read_qr(mask: Mapping[str, torch.Tensor], params: W3Params) -> QrReading | N
     if not data.any():
         raise EmbeddingError("the QR code has no data modules to compare")
     m = mask[params.layer.name]
-    density = float(channel_connectivity(m.bool().cpu()).float().mean())
+    conn = channel_connectivity(m.bool().cpu())
+    density = float(conn.float().mean())
     expected_light = ~params.symbol.dark[data]
     got = window[data]
     light = float(expected_light.mean())
     chance = max(light, 1.0 - light)
     mismatches = int((got != expected_light).sum())
-    return QrReading(int(data.sum()), mismatches, chance, density, decode_window(window))
+    modules = int(data.sum())
+    others = other_windows(conn, params, modules - mismatches)
+    return QrReading(modules, mismatches, chance, density, decode_window(window), others)

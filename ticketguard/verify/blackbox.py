@@ -246,6 +246,25 @@ class HttpSuspect:
     def describe(self) -> str:
         return self.url
 
+    def server_info(self) -> dict[str, Any] | None:
+        """Return the server's `GET /info` answer, or None if it has none (one try, no retry)."""
+        parts = urlsplit(self.url)
+        base = parts.path.rsplit("/", 1)[0]
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.timeout)
+        try:
+            conn.request("GET", f"{base}/info", headers={"Accept": "application/json"})
+            response = conn.getresponse()
+            data = response.read(self.max_response_bytes + 1)
+            if response.status != 200 or len(data) > self.max_response_bytes:
+                return None
+            answer = json.loads(data)
+        except (OSError, http.client.HTTPException, ValueError, RecursionError):
+            return None
+        finally:
+            conn.close()
+        return answer if isinstance(answer, dict) else None
+
     def close(self) -> None:
         """Close the kept-alive connection (a later batch opens a new one)."""
         with self._lock:

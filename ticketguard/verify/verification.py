@@ -272,6 +272,8 @@ def verify(
                 problems.append(str(exc))
             else:
                 black.append(b1_evidence)
+                if blackbox_info and blackbox_info.get("warning"):
+                    notes.append(blackbox_info["warning"])
         elif not problems:
             problems.append("the trigger set cannot be checked without a valid credential and seed")
 
@@ -477,6 +479,33 @@ def resolve_triggers(
     return triggers
 
 
+def _png_normalization_warning(suspect: Suspect, norm: Mapping[str, Any]) -> str | None:
+    """Warn when an endpoint sent PNGs normalises them otherwise than the owner's model did.
+
+    Pixels sent as images are normalised by the server; a server started on a bare weights file
+    with another dataset or split than the owner's would query the model with shifted inputs.
+    """
+    if getattr(suspect, "send", None) != "png" or not hasattr(suspect, "server_info"):
+        return None
+    info = suspect.server_info()
+    served = (info or {}).get("normalization")
+    if not isinstance(served, dict):
+        return None
+    try:
+        same = np.allclose(served["mean"], norm["mean"], atol=1e-6) and np.allclose(
+            served["std"], norm["std"], atol=1e-6
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    if same:
+        return None
+    return (
+        f"the endpoint normalises PNG inputs with mean {served['mean']} and std {served['std']}, "
+        f"the owner's model with mean {norm['mean']} and std {norm['std']}: its answers may be "
+        "off; prefer --send tensor"
+    )
+
+
 def _b1(
     credential: Credential,
     seed: bytes,
@@ -489,6 +518,7 @@ def _b1(
     triggers = resolve_triggers(document, seed, reveal)
     norm = trigger_field(document)["normalization"]
     inputs = triggers.inputs(norm["mean"], norm["std"])
+    warning = _png_normalization_warning(suspect, norm)
     try:
         result = query_labels(suspect, inputs, triggers.images, batch_size=config.batch_size)
     finally:
@@ -509,6 +539,7 @@ def _b1(
         "batch_size": config.batch_size,
         "seconds": result.seconds,
         "queries_per_second": result.queries_per_second,
+        "warning": warning,
     }
     evidence = Evidence(
         name=B1_NAME,
@@ -627,12 +658,18 @@ def _w3(params: W3Params, mask: Mapping[str, torch.Tensor]) -> Evidence:
         decoded = f"a QR reader decodes other text {reading.decoded[:60]!r}"
     else:
         decoded = "a QR reader does not decode it"
+    others = reading.others
+    compared = (
+        f"; the best of {others.count} other windows of the layer agrees on {others.best}"
+        if others is not None
+        else ""
+    )
     return Evidence(
         name="W3 QR",
         kind="statistical",
         summary=(
             f"{where}: {reading.mismatches}/{reading.modules} data modules differ "
-            f"(chance agreement {100 * reading.chance:.1f}%); {decoded}"
+            f"(chance agreement {100 * reading.chance:.1f}%){compared}; {decoded}"
         ),
         log10_p=binomial_log10_tail(reading.modules, agree, reading.chance),
         null=null,
@@ -647,6 +684,16 @@ def _w3(params: W3Params, mask: Mapping[str, torch.Tensor]) -> Evidence:
             "decoded": reading.decoded,
             "expected": params.symbol.text,
             "decodes_expected": reading.decoded == params.symbol.text,
+            "other_windows": None
+            if others is None
+            else {
+                "count": others.count,
+                "mean_agreement": others.mean,
+                "std": others.std,
+                "best": others.best,
+                "at_least_as_good": others.exceeding,
+                "empirical_p": others.empirical_p,
+            },
         },
     )
 
