@@ -30,7 +30,7 @@ from PIL import Image
 from ticketguard.errors import ArchitectureError, ConfigError, CredentialError, EmbeddingError
 from ticketguard.files import atomic_path
 from ticketguard.signatures.credential import read_credential
-from ticketguard.signatures.topology import channel_connectivity, ticket_structure
+from ticketguard.signatures.topology import channel_connectivity
 from ticketguard.signatures.w3 import (
     SCHEME,
     W3Params,
@@ -40,10 +40,9 @@ from ticketguard.signatures.w3 import (
     window_matrix,
 )
 from ticketguard.tickets.loading import load_checkpoint
-from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.ticket import load_ticket
-from ticketguard.verify.alignment import align_masks
 from ticketguard.verify.recovery import recover_mask
+from ticketguard.verify.verification import aligned_to, check_layers
 
 #: The files a rendering writes into its output folder (named here and nowhere else).
 CONNECTIVITY_PNG = "connectivity.png"
@@ -282,19 +281,6 @@ def _credential_params(credential_path: str | Path) -> W3Params:
     return W3Params.from_dict(embedding)
 
 
-def _check_shapes(
-    path: object, mask: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
-) -> None:
-    for name, ref in reference.items():
-        if name not in mask:
-            raise ArchitectureError(f"{path}: has no weight {name!r} of the reference ticket")
-        if tuple(mask[name].shape) != tuple(ref.shape):
-            raise ArchitectureError(
-                f"{path}: {name!r} has shape {tuple(mask[name].shape)}, the reference "
-                f"{tuple(ref.shape)}"
-            )
-
-
 def evidence_pictures(
     suspect_path: str | Path,
     credential_path: str | Path,
@@ -340,20 +326,12 @@ def evidence_pictures(
     notes = []
     aligned = False
     if reference is not None and align:
-        _check_shapes(suspect_path, mask, reference.mask)
+        check_layers(suspect_path, mask, reference.mask, list(reference.mask))
         if reference.architecture is None or reference.num_classes is None:
             raise ArchitectureError(
                 f"{reference_path}: the reference ticket records no architecture"
             )
-        structure = ticket_structure(
-            reference.architecture,
-            reference.num_classes,
-            reference.metadata.get("input_shape"),
-            reference.architecture_kwargs,
-        )
-        names = list(reference.mask)
-        alignment = align_masks(structure, reference.mask, mask, exclude=window_matrix(params))
-        mask = Mask({**dict(mask), **alignment.apply(structure, {n: mask[n] for n in names})})
+        mask, alignment = aligned_to(reference, mask, window_matrix(params))
         aligned = True
         notes.append(
             f"channels aligned to {reference_path} ({alignment.moved} channels moved); the "

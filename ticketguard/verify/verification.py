@@ -34,7 +34,7 @@ from ticketguard.signatures.w3 import W3Params, keyed_window, read_qr, window_po
 from ticketguard.tickets.loading import LoadedCheckpoint, load_checkpoint
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.ticket import Ticket, load_ticket
-from ticketguard.verify.alignment import align_masks, mask_overlap
+from ticketguard.verify.alignment import Alignment, align_masks, mask_overlap
 from ticketguard.verify.blackbox import Suspect, query_labels
 from ticketguard.verify.recovery import recover_mask
 from ticketguard.verify.stats import (
@@ -302,14 +302,11 @@ def verify(
     w1_info = None
     read_mask: Mapping[str, torch.Tensor] = mask
     if ref is not None:
-        _check_layers(loaded.path, mask, ref.mask, list(ref.mask))
+        check_layers(loaded.path, mask, ref.mask, list(ref.mask))
         structure = _structure_of(ref)
         names = list(ref.mask)
         if config.align:
-            alignment = align_masks(structure, ref.mask, mask, exclude=exclude)
-            read_mask = Mask(
-                {**dict(mask), **alignment.apply(structure, {n: mask[n] for n in names})}
-            )
+            read_mask, alignment = aligned_to(ref, mask, exclude, structure)
             alignment_info = {"moved_channels": alignment.moved, "sweeps": alignment.sweeps}
         w1_evidence, w1_info = _w1(
             structure, ref, read_mask, names, exclude, null_tickets, counts, config
@@ -560,6 +557,24 @@ def _b1(
     return evidence, info
 
 
+def aligned_to(
+    reference: Ticket,
+    mask: Mask,
+    exclude: Mapping[str, torch.Tensor] | None = None,
+    structure: ChannelStructure | None = None,
+) -> tuple[Mask, Alignment]:
+    """Put a suspect mask's channels into the reference ticket's order (function-preserving).
+
+    The mask must have every reference layer in its shape (`check_layers`); `exclude` marks
+    embedded positions left out of the alignment cost.
+    """
+    structure = structure or _structure_of(reference)
+    names = list(reference.mask)
+    alignment = align_masks(structure, reference.mask, mask, exclude=exclude)
+    moved = alignment.apply(structure, {n: mask[n] for n in names})
+    return Mask({**dict(mask), **moved}), alignment
+
+
 def _reference_positions(
     params: W2Params | W3Params,
     positions: Sequence[np.ndarray],
@@ -723,7 +738,7 @@ def _w1(
         other_loaded = load_checkpoint(path)
         _check_same_initialisation(path, other_loaded, ref)
         other, _ = recover_mask(other_loaded, names, counts)
-        _check_layers(path, other, ref.mask, names)
+        check_layers(path, other, ref.mask, names)
         al = align_masks(structure, ref.mask, other, exclude=exclude) if config.align else None
         aligned = al.apply(structure, dict(other)) if al is not None else other
         ticket_scores.append(mask_overlap(ref.mask, aligned, names, exclude))
@@ -806,7 +821,7 @@ def _check_same_initialisation(path: object, loaded: LoadedCheckpoint, ref: Tick
         )
 
 
-def _check_layers(
+def check_layers(
     path: object,
     mask: Mapping[str, torch.Tensor],
     reference: Mapping[str, torch.Tensor],
