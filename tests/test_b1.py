@@ -638,3 +638,53 @@ def test_png_queries_warn_when_the_server_normalises_otherwise(owner: dict, shif
     warned = [n for n in report.notes if "normalises PNG inputs" in n]
     assert len(warned) == (1 if shifted else 0), report.notes
     assert report.blackbox["warning"] == (warned[0] if shifted else None)
+
+
+def test_mixed_training_keeps_the_best_cycle_when_the_rule_is_not_met(
+    make_ticket, monkeypatch
+) -> None:
+    from ticketguard.tickets import retrain as retrain_module
+    from ticketguard.tickets.retrain import RetrainConfig, retrain
+
+    ticket = make_ticket(width=32, keep=0.3)
+    ticket.metadata.update(
+        {"dataset": {"name": "digits", "split_seed": 0}, "input_shape": [1, 8, 8]}
+    )
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(40, 1, 8, 8, generator=gen)
+    labels = torch.randint(0, 10, (40,), generator=gen)
+    # Scripted accuracies on the extra samples: the second of three cycles is the best.
+    scripted = iter([0.5, 0.8, 0.6])
+    states: list[dict[str, torch.Tensor]] = []
+    real_train, real_evaluate = retrain_module.train, retrain_module.evaluate
+
+    def recording_train(model, *args, **kwargs):
+        result = real_train(model, *args, **kwargs)
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return result
+
+    def scripted_evaluate(model, dataset, device):
+        if len(dataset) == len(labels) and torch.equal(dataset.tensors[1], labels):
+            return next(scripted)
+        return real_evaluate(model, dataset, device)
+
+    monkeypatch.setattr(retrain_module, "train", recording_train)
+    monkeypatch.setattr(retrain_module, "evaluate", scripted_evaluate)
+    mixed = MixedTraining(
+        ExtraSamples(inputs, labels, 4), target=0.95, tolerance=0.99, max_epochs=3
+    )
+    result = retrain(
+        ticket,
+        ticket.mask,
+        RetrainConfig(epochs=1, lr=0.05),
+        device=torch.device("cpu"),
+        mixed=mixed,
+    )
+    assert result.reached is False
+    assert [h["extra"] for h in result.history] == [0.5, 0.8, 0.6]
+    assert result.kept_epoch == 2 and result.extra_accuracy == 0.8
+    assert len(states) == 3
+    kept = {k: v.clone() for k, v in states[1].items()}
+    ticket.mask.apply_(kept)
+    assert all(torch.equal(result.trained[k], kept[k]) for k in kept)
+    assert not all(torch.equal(result.trained[k], states[2][k]) for k in ticket.mask)

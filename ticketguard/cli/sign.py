@@ -315,13 +315,14 @@ def sign(
         source = "generated" if triggers and triggers.generated else f"from {trigger}"
         click.echo(
             f"trigger set: {result.triggers.size} images ({source}), trigger accuracy "
-            f"{percent(result.trigger_accuracy)} after {result.trigger_epochs} epoch(s)"
+            f"{percent(result.trigger_accuracy)} after {result.trigger_kept_epoch} epoch(s)"
         )
         if not result.trigger_reached:
             click.echo(
                 f"warning: the stopping rule was not met within {result.trigger_epochs} epochs "
                 f"(trigger accuracy >= {percent(trigger_target)} with validation accuracy "
-                "within 1 point); raise --trigger-epochs or --trigger-lr",
+                f"within 1 point); kept the weights after epoch {result.trigger_kept_epoch}, "
+                "the best cycle; raise --trigger-epochs or --trigger-lr",
                 err=True,
             )
     click.echo(f"wrote {ticket_path}")

@@ -137,6 +137,7 @@ class SignResult:
     trigger_accuracy: float | None = None
     trigger_epochs: int | None = None
     trigger_reached: bool | None = None
+    trigger_kept_epoch: int | None = None
 
 
 def excluded_layers(ticket: Ticket) -> list[str]:
@@ -332,6 +333,7 @@ def sign_ticket(
     if triggers is not None:
         signed.trigger_epochs = result.epochs
         signed.trigger_reached = result.reached
+        signed.trigger_kept_epoch = result.kept_epoch
     return signed
 
 

@@ -77,8 +77,8 @@ class RetrainResult:
     """The retrained weights and the test accuracy before the change and after retraining.
 
     With mixed-in samples it also says how well they were learnt (`extra_accuracy`), whether
-    the stopping rule was met (`reached`) and, per epoch, the accuracy on them and on the
-    validation split (`history`).
+    the stopping rule was met (`reached`), after which epoch the weights were kept
+    (`kept_epoch`) and, per cycle, the accuracy on them and on the validation split (`history`).
     """
 
     trained: dict[str, torch.Tensor]
@@ -90,6 +90,7 @@ class RetrainResult:
     reached: bool | None = None
     val_before: float | None = None
     history: list[dict[str, float | None]] | None = None
+    kept_epoch: int | None = None
 
 
 def dataset_of(ticket: Ticket, override: str | None) -> tuple[str, int]:
@@ -197,7 +198,9 @@ def _retrain_mixed(
     """Train in cosine cycles of `config.epochs` (warm restarts) until the rule is met.
 
     The rule is checked at the end of each cycle, where the learning rate has annealed to
-    zero and clean accuracy has recovered from the noisier middle of the cycle.
+    zero and clean accuracy has recovered from the noisier middle of the cycle. If no cycle
+    meets it, the weights of the best cycle are kept: clean accuracy within the tolerance
+    first, then the highest accuracy on the extra samples, then the earliest.
     """
     extra = TensorDataset(mixed.samples.inputs, mixed.samples.labels)
     val_before = evaluate(ticket.build_model().to(device), splits.val, device)
@@ -206,6 +209,7 @@ def _retrain_mixed(
     history: list[dict[str, float | None]] = []
     train_config = replace(_train_config(ticket, config), epochs=cycle, schedule="cosine")
     device_mask = mask.to(device)
+    best: tuple[tuple[bool, float], int, dict[str, torch.Tensor]] | None = None
     for k in range(cycles):
         train(
             model,
@@ -217,15 +221,23 @@ def _retrain_mixed(
             progress=progress,
             extra=mixed.samples,
         )
-        history.append(
-            {
-                "epoch": (k + 1) * cycle,
-                "extra": evaluate(model, extra, device),
-                "val": evaluate(model, splits.val, device),
-            }
-        )
-        if _meets(history[-1], mixed, val_before):
+        entry = {
+            "epoch": (k + 1) * cycle,
+            "extra": evaluate(model, extra, device),
+            "val": evaluate(model, splits.val, device),
+        }
+        history.append(entry)
+        if _meets(entry, mixed, val_before):
+            best = None
             break
+        rank = (_clean_ok(entry, mixed, val_before), entry["extra"] or 0.0)
+        if best is None or rank > best[0]:
+            state = {n: v.detach().cpu().clone() for n, v in model.state_dict().items()}
+            best = (rank, k, state)
+    kept = len(history) - 1
+    if best is not None and best[1] != kept:
+        kept = best[1]
+        model.load_state_dict(best[2])
     after = evaluate(model, splits.test, device)
     trained = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     mask.apply_(trained)
@@ -235,15 +247,22 @@ def _retrain_mixed(
         after,
         splits.name,
         epochs=len(history) * cycle,
-        extra_accuracy=history[-1]["extra"],
-        reached=_meets(history[-1], mixed, val_before),
+        extra_accuracy=history[kept]["extra"],
+        reached=_meets(history[kept], mixed, val_before),
         val_before=val_before,
         history=history,
+        kept_epoch=(kept + 1) * cycle,
     )
+
+
+def _clean_ok(
+    entry: dict[str, float | None], mixed: MixedTraining, val_before: float | None
+) -> bool:
+    val = entry["val"]
+    return val is None or val_before is None or val >= val_before - mixed.tolerance
 
 
 def _meets(last: dict[str, float | None], mixed: MixedTraining, val_before: float | None) -> bool:
     """Return whether an epoch's accuracies meet the stopping rule of `mixed`."""
-    extra, val = last["extra"], last["val"]
-    clean_ok = val is None or val_before is None or val >= val_before - mixed.tolerance
-    return extra is not None and extra >= mixed.target and clean_ok
+    extra = last["extra"]
+    return extra is not None and extra >= mixed.target and _clean_ok(last, mixed, val_before)
