@@ -80,6 +80,25 @@ echo "== 11. An extreme ticket: remove 300 magnitude-weighted paths and retrain 
 "$tg" thin "$out/signed.ticket" --paths 300 --out "$out/extreme.ticket" --force
 
 echo
+echo "== 12. Attack the signed ticket: the default robustness benchmark (fine-tuning, pruning, regrowth,"
+echo "       noise, quantisation, weight shifting, permutation, distillation, overwriting, forging,"
+echo "       key search, fake trigger sets), each cell verified as a judge would =="
+"$tg" bench configs/digits-bench.toml --out "$out/bench" --ticket "$out/signed.ticket" \
+    --credential "$out/signed.cred.json" --secret "$out/signed.secret.json"
+
+echo
+echo "== 13. A thief signs the stolen ticket with their own key (a forged claim) =="
+"$tg" attack forge "$out/signed.ticket" --owner mallory@example.org --out "$out/forged.ticket" --force
+
+echo
+echo "== 14. The dispute: every claim checked against every model; the original carries one mark =="
+"$tg" dispute --claim "$out/signed.cred.json" "$out/signed.secret.json" "$out/signed.ticket" \
+    --claim "$out/forged.cred.json" "$out/forged.secret.json" "$out/forged.ticket"
+
+echo
 echo "Outputs in $out: run/ (final.ticket, rounds/, log.json), ticket.graphml, alice.key/.pub,"
 echo "signed.ticket, signed.cred.json, signed.secret.json (seed and trigger set), qr.ticket (+ .cred.json,"
-echo ".secret.json), pictures/ (connectivity.png, qr.png, comparison.png), extreme.ticket"
+echo ".secret.json), pictures/ (connectivity.png, qr.png, comparison.png), extreme.ticket,"
+echo "forged.ticket (+ .cred.json, .secret.json), bench/ (results.csv, results.json, plots.png)"
+echo
+echo "The benchmark report: $out/bench/report.html (and $out/bench/report.md)"

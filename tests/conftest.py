@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ticketguard.signatures.keys import OwnerKey
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.models import DigitsCNN
 from ticketguard.tickets.ticket import Ticket
@@ -82,3 +84,45 @@ def independent_tickets(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         find_digits_ticket(root / f"seed{seed}", seed=seed, rounds=2, epochs=4)
         for seed in INDEPENDENT_SEEDS
     ]
+
+
+#: A fixed owner key, so the embedded positions and the generated trigger set are reproducible.
+OWNER = OwnerKey("alice@example.org", Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+#: A fixed creation time fixes the payload, so the whole signing is reproducible.
+SIGN_ENV = {"COLUMNS": "300", "SOURCE_DATE_EPOCH": "1795000000"}
+
+
+@pytest.fixture(scope="session")
+def signed_owner(tmp_path_factory: pytest.TempPathFactory, owner_ticket: Path) -> dict[str, Path]:
+    """Sign the owner's digits ticket (W2 and a generated trigger set) through the CLI, once."""
+    from cli_helpers import invoke
+
+    from ticketguard.signatures.keys import write_keypair
+
+    root = tmp_path_factory.mktemp("owner-signed")
+    write_keypair(OWNER, root / "alice")
+    result = invoke(
+        [
+            "sign",
+            owner_ticket,
+            "--key",
+            root / "alice.key",
+            "--out",
+            root / "signed.ticket",
+            "--trigger",
+            "generate",
+            "--device",
+            "cpu",
+        ],
+        env=SIGN_ENV,
+    )
+    assert result.exit_code == 0, result.output
+    print("\n" + result.output)
+    return {
+        "unsigned": owner_ticket,
+        "signed": root / "signed.ticket",
+        "cred": root / "signed.cred.json",
+        "secret": root / "signed.secret.json",
+        "key": root / "alice.key",
+        "pub": root / "alice.pub",
+    }

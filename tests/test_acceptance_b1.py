@@ -25,11 +25,10 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import error_line, invoke
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from conftest import OWNER
 from PIL import Image
 
 from ticketguard.signatures.credential import read_credential, read_secret_document
-from ticketguard.signatures.keys import OwnerKey, write_keypair
 from ticketguard.signatures.signing import SignConfig, TriggerConfig, sign_ticket
 from ticketguard.signatures.triggers import TriggerSet
 from ticketguard.tickets.retrain import RetrainConfig
@@ -37,8 +36,6 @@ from ticketguard.tickets.ticket import load_ticket
 from ticketguard.verify.blackbox import ModelSuspect
 from ticketguard.verify.verification import verify
 
-#: A fixed owner key, so the embedded positions and the generated trigger set are reproducible.
-OWNER = OwnerKey("alice@example.org", Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
 SERVE_START_SECONDS = 120
 
 
@@ -70,36 +67,9 @@ def served(model: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def signed(tmp_path_factory: pytest.TempPathFactory, owner_ticket: Path) -> dict[str, Path]:
-    """Sign the owner's digits ticket with a generated trigger set through the CLI."""
-    root = tmp_path_factory.mktemp("b1-owner")
-    write_keypair(OWNER, root / "alice")
-    result = invoke(
-        [
-            "sign",
-            owner_ticket,
-            "--key",
-            root / "alice.key",
-            "--out",
-            root / "signed.ticket",
-            "--trigger",
-            "generate",
-            "--device",
-            "cpu",
-        ],
-        # A fixed creation time fixes the payload, so the whole signing is reproducible.
-        env={"COLUMNS": "300", "SOURCE_DATE_EPOCH": "1795000000"},
-    )
-    assert result.exit_code == 0, result.output
-    print("\n" + result.output)
-    return {
-        "unsigned": owner_ticket,
-        "signed": root / "signed.ticket",
-        "cred": root / "signed.cred.json",
-        "secret": root / "signed.secret.json",
-        "key": root / "alice.key",
-        "pub": root / "alice.pub",
-    }
+def signed(signed_owner: dict[str, Path]) -> dict[str, Path]:
+    """The owner's digits ticket signed with a generated trigger set (shared, see conftest)."""
+    return signed_owner
 
 
 def _triggers(signed: dict[str, Path]) -> TriggerSet:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import click
 
 from ticketguard import __version__
+from ticketguard.cli.attack import attack
+from ticketguard.cli.bench import bench
+from ticketguard.cli.dispute import dispute
 from ticketguard.cli.find import find
 from ticketguard.cli.inspect import inspect
 from ticketguard.cli.keygen import keygen
@@ -20,6 +23,9 @@ def cli() -> None:
     """Find lottery tickets and prove who owns them."""
 
 
+cli.add_command(attack)
+cli.add_command(bench)
+cli.add_command(dispute)
 cli.add_command(find)
 cli.add_command(inspect)
 cli.add_command(keygen)

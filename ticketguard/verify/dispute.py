@@ -1,0 +1,247 @@
+"""Disputes: several parties claim one model family; decide which claim came first.
+
+Every claim (credential, revealed secret, the model its party released) is verified against
+every claimed model. A copy carries the mark of the model it was taken from as well as its
+thief's; the original carries only its owner's. So the original is the claim whose own model
+carries no other claim's mark while every other claimed model carries its mark.
+
+Only evidence that cannot be made after the fact decides precedence: marks written into the
+weights at positions fixed by the committed seed (W2, W3) and trigger sets generated from that
+seed (their labels are drawn by the generator). An *imported* trigger set can be picked after
+a model is released, from inputs the model already labels consistently, so it is shown but
+never counts for precedence. Creation times in credentials are self-asserted and not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ticketguard.errors import ConfigError
+from ticketguard.verify.verification import VerificationReport, VerifyConfig, verify
+
+#: Evidence names whose verdict can establish precedence (besides generated trigger sets).
+EMBEDDED = ("W2 bits", "W2 payload", "W3 QR")
+TRIGGERS = "B1 triggers"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One party's claim: their credential, their revealed secret and the model they released."""
+
+    credential: Path
+    secret: Path
+    model: Path
+    label: str | None = None
+
+
+@dataclass
+class DisputeResult:
+    """The cross-verification matrix, the decision (index of the original claim) and why."""
+
+    claims: list[dict[str, Any]]
+    matrix: list[list[dict[str, Any]]]
+    winner: int | None
+    reasoning: list[str]
+    alpha: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "claims": self.claims,
+            "matrix": self.matrix,
+            "winner": self.winner,
+            "winner_owner": None if self.winner is None else self.claims[self.winner]["owner"],
+            "reasoning": self.reasoning,
+            "alpha": self.alpha,
+            "notes": self.notes,
+        }
+
+
+def _claim_info(index: int, claim: Claim) -> dict[str, Any]:
+    from ticketguard.signatures.credential import read_credential
+
+    cred = read_credential(claim.credential)
+    doc = cred.document or {}
+    trigger = doc.get("trigger_set") if isinstance(doc.get("trigger_set"), dict) else None
+    return {
+        "index": index,
+        "label": claim.label or f"claim {index + 1}",
+        "owner": doc.get("owner"),
+        "key_id": cred.public_key.key_id() if cred.public_key else None,
+        "created": doc.get("created"),
+        "credential": str(claim.credential),
+        "secret": str(claim.secret),
+        "model": str(claim.model),
+        "valid": cred.valid,
+        "problems": list(cred.problems),
+        "trigger_source": None if trigger is None else trigger.get("source"),
+        "architecture": doc.get("architecture"),
+    }
+
+
+def _queried(loaded: Any, info: dict[str, Any], device: torch.device) -> Any:
+    """Build a model file's network to query it (its recorded architecture, else the claim's)."""
+    from ticketguard.tickets.loading import load_model
+    from ticketguard.tickets.models import is_import_path
+    from ticketguard.verify.blackbox import ModelSuspect
+
+    arch = None
+    if not loaded.architecture:
+        claimed = info.get("architecture") or {}
+        name = claimed.get("name") if isinstance(claimed, dict) else None
+        if isinstance(name, str) and not is_import_path(name):
+            arch = name
+    model = load_model(loaded, arch)
+    return ModelSuspect(model, device, str(loaded.path))
+
+
+def _cell(report: VerificationReport, info: dict[str, Any]) -> dict[str, Any]:
+    generated = info.get("trigger_source") == "generated"
+    counted = [
+        name
+        for name in report.verdict.decisive
+        if name in EMBEDDED or (name == TRIGGERS and generated)
+    ]
+    evidence = [
+        {
+            "name": e.name,
+            "summary": e.summary,
+            "log10_p": e.log10_p,
+            "p": e.p_text,
+            "valid": e.valid,
+        }
+        for e in report.evidences
+    ]
+    return {
+        "verified": report.verified,
+        "decisive": list(report.verdict.decisive),
+        "precedence": bool(counted) and not report.problems,
+        "precedence_evidence": counted,
+        "reason": report.verdict.reason,
+        "problems": list(report.problems),
+        "evidence": evidence,
+    }
+
+
+def _strongest(cell: dict[str, Any]) -> str:
+    """Return the strongest counted evidence of a cell, as text."""
+    parts = []
+    for e in cell["evidence"]:
+        if e["name"] not in cell["precedence_evidence"]:
+            continue
+        parts.append(f"{e['name']} p = {e['p']}" if e["p"] is not None else f"{e['name']} valid")
+    return ", ".join(parts) or "no evidence"
+
+
+def dispute(
+    claims: Sequence[Claim],
+    *,
+    config: VerifyConfig | None = None,
+    blackbox: bool = True,
+    device: torch.device | None = None,
+) -> DisputeResult:
+    """Verify every claim against every claimed model and decide which claim came first."""
+    from ticketguard.tickets.loading import load_checkpoint
+
+    config = config or VerifyConfig()
+    device = device or torch.device("cpu")
+    if len(claims) < 2:
+        raise ConfigError("a dispute needs at least two claims")
+    seen: dict[Path, int] = {}
+    for i, claim in enumerate(claims):
+        key = Path(claim.credential).resolve()
+        if key in seen:
+            raise ConfigError(
+                f"{claim.credential}: the same credential is given in claims {seen[key] + 1} and {i + 1}"
+            )
+        seen[key] = i
+    infos = [_claim_info(i, c) for i, c in enumerate(claims)]
+    loaded = [load_checkpoint(c.model) for c in claims]
+    notes = []
+    models = [Path(c.model).resolve() for c in claims]
+    if len(set(models)) < len(models):
+        notes.append("two claims name the same model file: its marks cannot order them")
+    matrix: list[list[dict[str, Any]]] = []
+    for i, claim in enumerate(claims):
+        row = []
+        for j in range(len(claims)):
+            queried = None
+            if blackbox and infos[i]["trigger_source"] is not None:
+                queried = _queried(loaded[j], infos[i], device)
+            report = verify(
+                loaded[j],
+                credential=claim.credential,
+                reveal=claim.secret,
+                config=config,
+                blackbox=queried,
+            )
+            row.append(_cell(report, infos[i]))
+        matrix.append(row)
+    winner, reasoning = _decide(infos, matrix)
+    return DisputeResult(infos, matrix, winner, reasoning, config.alpha, notes)
+
+
+def _decide(
+    infos: list[dict[str, Any]], matrix: list[list[dict[str, Any]]]
+) -> tuple[int | None, list[str]]:
+    n = len(infos)
+    name = [f"{c['label']} ({c['owner']})" for c in infos]
+    marks = [[matrix[i][j]["precedence"] for j in range(n)] for i in range(n)]
+    reasoning = []
+    for i, info in enumerate(infos):
+        if not info["valid"]:
+            reasoning.append(
+                f"{name[i]}: the credential is invalid ({'; '.join(info['problems'])}); it cannot win"
+            )
+            continue
+        if info["trigger_source"] not in (None, "generated"):
+            reasoning.append(
+                f"{name[i]}: its trigger set is imported, so it could have been chosen after a "
+                "model was released (from inputs the model already labels consistently); "
+                "trigger evidence does not count for precedence"
+            )
+        if not marks[i][i]:
+            reasoning.append(
+                f"{name[i]}: its own model does not carry its mark by evidence that cannot be "
+                "made after the fact; it cannot win"
+            )
+    eligible = [i for i in range(n) if infos[i]["valid"] and marks[i][i]]
+    originals = [
+        i
+        for i in eligible
+        if all(marks[i][j] for j in range(n) if j != i)
+        and not any(marks[k][i] for k in range(n) if k != i)
+    ]
+    if len(originals) == 1:
+        w = originals[0]
+        for j in range(n):
+            if j != w:
+                reasoning.append(
+                    f"{name[w]}'s mark is in {name[j]}'s model ({_strongest(matrix[w][j])}): "
+                    f"that model derives from {name[w]}'s"
+                )
+        reasoning.append(
+            f"no other claim's mark is in {name[w]}'s model: it carries only its owner's mark, "
+            "so it is the original"
+        )
+        return w, reasoning
+    off = [(i, j) for i in range(n) for j in range(n) if i != j and marks[i][j]]
+    if not off:
+        reasoning.append(
+            "no claimed model carries another claim's mark: the models are independent, and "
+            "each claim stands for its own model only"
+        )
+    elif len(originals) > 1:
+        reasoning.append("several claims qualify as the original; the models do not order them")
+    else:
+        reasoning.append(
+            "the marks do not single out an original: "
+            + "; ".join(f"{name[i]}'s mark is in {name[j]}'s model" for i, j in off)
+            + " (each model may carry both marks, or the claims derive from a third model)"
+        )
+    return None, reasoning
