@@ -12,6 +12,7 @@ BENCHMARKS = [
     "bench_graphstats",
     "bench_blackbox",
     "bench_w3",
+    "bench_attacks",
 ]
 
 

@@ -79,24 +79,41 @@ def verdict_text(record: dict[str, Any]) -> str:
     return "verified" if record["verified"] else "NOT verified"
 
 
+def _evidence_cell(record: dict[str, Any], name: str) -> str:
+    for e in record.get("evidence") or []:
+        if e["name"] != name:
+            continue
+        value = _num(e.get("log10_p"))
+        if value is not None:
+            return f"p = {format_p(value)}"
+        if e.get("valid") is not None:
+            return "valid" if e["valid"] else "invalid"
+        return "not judged"
+    return "-"
+
+
 def summary_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """Return one display row per cell: attack, parameters, accuracy, evidence, verdict, success."""
+    """Return one display row per cell: attack, parameters, accuracy, each evidence's p-value
+    (or signature check), the verdict and whether the attack succeeded."""
+    names = [n for n in _evidence_names(records) if n != "W1 topology"]
     rows = []
     for r in records:
-        rows.append(
-            {
-                "attack": str(r.get("label") or r.get("attack")),
-                "parameters": _params_text(r),
-                "seed": str(r.get("seed")),
-                "accuracy": _percent(r.get("accuracy_after")),
-                "drop (pts)": _points(r.get("drop")),
-                "evidence": evidence_text(r),
-                "verdict": verdict_text(r),
-                "attack succeeded": "-"
-                if r.get("error")
-                else ("YES" if r.get("attack_succeeded") else "no"),
-            }
+        row = {
+            "attack": str(r.get("label") or r.get("attack")),
+            "parameters": _params_text(r),
+            "seed": str(r.get("seed")),
+            "accuracy": _percent(r.get("accuracy_after")),
+            "drop (pts)": _points(r.get("drop")),
+        }
+        for name in names:
+            row[name] = _evidence_cell(r, name)
+        if r.get("attack") == "key-search":
+            row[names[0] if names else "evidence"] = evidence_text(r)
+        row["verdict"] = verdict_text(r)
+        row["attack succeeded"] = (
+            "-" if r.get("error") else ("YES" if r.get("attack_succeeded") else "no")
         )
+        rows.append(row)
     return rows
 
 

@@ -160,7 +160,7 @@ class AttackGroup(click.Group):
 
 @click.group(cls=AttackGroup)
 def attack() -> None:
-    """Run one removal or ambiguity attack on a model: ticketguard attack NAME MODEL --out FILE.
+    """Run one removal or ambiguity attack on a model (NAME MODEL --out FILE).
 
     Removal attacks (fine-tuning, pruning, regrowth, noise, quantisation, weight shifting,
     channel permutation, distillation) write the attacked model; ambiguity attacks write the

@@ -39,7 +39,7 @@ def bench(
     device: str | None,
     fresh: bool,
 ) -> None:
-    """Run the robustness benchmark: attacks with parameter grids against a signed ticket.
+    """Run the robustness benchmark: a grid of attacks against a signed ticket.
 
     Every cell (an attack, its parameters, a seed) attacks the target, measures the attacked
     model's clean test accuracy and verifies it with the credential and the revealed secret.
