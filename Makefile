@@ -32,4 +32,4 @@ lint: setup
 	$(BIN)/ruff format --check ticketguard tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) bench-out .pytest_cache .ruff_cache

@@ -3,7 +3,9 @@
 A TOML config names the target (signed ticket, credential, revealed secret), the attacks with
 their parameter grids (a list is an axis; the cells are the product of all axes and the seeds)
 and how each attacked model is judged. Each finished cell is a JSON file in `OUT/cells/`, so a
-re-run skips it; cells run in worker processes with `workers > 1`. See docs/benchmark.md.
+re-run skips it; cells run in worker processes with `workers > 1`. The unattacked target is
+verified once as the baseline, so the report can say which evidence each attack removed.
+See docs/attacks.md.
 """
 
 from __future__ import annotations
@@ -15,20 +17,17 @@ import math
 import os
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ticketguard.attacks.base import AMBIGUITY, AttackContext, AttackError, get_attack
+from ticketguard.attacks.base import Attack, AttackContext, AttackError, get_attack
 from ticketguard.errors import ConfigError, TicketGuardError
 from ticketguard.files import canonical_json, write_json_atomic
 
-#: Attacks whose result is a claim settled by a dispute, and the pure measurement.
-CLAIM_ATTACKS = ("forge", "fake-triggers")
-MEASUREMENT_ATTACKS = ("key-search",)
-
-TOP_KEYS = {
+#: Top-level config keys and their TOML types.
+TOP_KEYS: dict[str, type] = {
     "name": str,
     "seeds": list,
     "alpha": float,
@@ -44,8 +43,15 @@ TOP_KEYS = {
 }
 TARGET_KEYS = ("ticket", "credential", "secret")
 ATTACK_KEYS = ("name", "params", "label")
-#: Parameters that mean "the attacker's share of the training data".
-FRACTION_PARAMS = ("fraction", "data_fraction")
+OVERRIDE_KEYS = ("ticket", "credential", "secret", "device", "workers")
+#: Parameters meaning "the attacker's share of the training data" (in attacks that train).
+DATA_PARAMS = ("fraction", "data_fraction")
+#: How a cell is judged: verifying the attacked model, a dispute of claims, or a count.
+BY_VERIFICATION, BY_DISPUTE, BY_COUNT = "verification", "dispute", "count"
+#: The baseline's attack name: the signed target, not attacked.
+BASELINE = "(none)"
+#: Rounding slack when comparing an accuracy drop with `max_drop`.
+_DROP_SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -72,11 +78,12 @@ class BenchConfig:
     data_fraction: float = 0.5
     blackbox: bool = True
     reference: bool = True
-    null_samples: int = 5
+    null_samples: int = 20
     device: str = "auto"
     workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
+        """Return the config as JSON-safe values (paths as strings)."""
         return {
             "name": self.name,
             "ticket": str(self.ticket),
@@ -99,7 +106,9 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class Cell:
-    """One attack with fixed parameters and seed: the unit the runner executes and records."""
+    """One attack with fixed parameters and seed: the unit the runner executes and records.
+
+    `params` are all the attack's parameters (resolved); `grid` only those the config sets."""
 
     id: str
     attack: str
@@ -109,44 +118,100 @@ class Cell:
     label: str
 
 
+# --- the config ----------------------------------------------------------------------------------
+
+
 def _type_name(kind: type) -> str:
-    return {str: "a string", list: "a list", float: "a number", bool: "true or false"}.get(
-        kind, "an integer" if kind is int else "a table"
-    )
+    names = {str: "a string", list: "a list", float: "a number", bool: "true or false"}
+    return names.get(kind, "an integer" if kind is int else "a table")
 
 
 def _check_type(key: str, value: Any, kind: type) -> Any:
+    """Return `value` if it has the TOML type `kind` (an integer is a number; a bool is not)."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         raise ConfigError(f"config key {key!r} must be {_type_name(kind)}, got {value!r}")
     return value
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> BenchConfig:
-    """Read and check a benchmark config; `overrides` (ticket, credential, secret, device,
-    workers) replace its values. Paths are relative to the config file's folder."""
-    path = Path(path)
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+def _attack_specs(path: Path, tables: list[Any], folder: Path) -> tuple[AttackSpec, ...]:
+    specs = []
+    for i, table in enumerate(tables, start=1):
+        where = f"{path}: [[attack]] number {i}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} is not a table")
+        for key in table:
+            if key not in ATTACK_KEYS:
+                raise ConfigError(
+                    f"{path}: unknown key {key!r} in [[attack]] number {i} "
+                    f"(known: {', '.join(ATTACK_KEYS)})"
+                )
+        name = table.get("name")
+        if not isinstance(name, str):
+            raise ConfigError(f'{where} has no name (name = "ATTACK")')
+        params = table.get("params", {})
+        if not isinstance(params, dict):
+            raise ConfigError(f"{path}: the params of attack {name!r} must be a table")
+        label = table.get("label")
+        if label is not None and (not isinstance(label, str) or not label.strip()):
+            raise ConfigError(f"{path}: the label of attack {name!r} must be a non-empty string")
+        try:
+            attack = get_attack(name)
+        except AttackError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        params = dict(params)
+        for key, value in params.items():
+            try:
+                param = attack.param(key)
+            except AttackError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+            if param.is_path:
+                # A file an attack reads is named relative to the config, like the target.
+                values = value if isinstance(value, list) else [value]
+                fixed = [
+                    str(folder / v) if isinstance(v, str) and v and not Path(v).is_absolute() else v
+                    for v in values
+                ]
+                params[key] = fixed if isinstance(value, list) else fixed[0]
+        specs.append(AttackSpec(name, params, label))
+    return tuple(specs)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> BenchConfig:
+    """Read and check a benchmark config; `overrides` (ticket, credential, secret, device,
+    workers; None means "not given") replace its values. The config's paths are relative to its
+    folder, the overrides' to the working directory. Every attack and parameter is checked."""
+    path = Path(path)
+    raw = _read_toml(path)
     for key in raw:
         if key not in TOP_KEYS:
             raise ConfigError(f"{path}: unknown config key {key!r} (known: {', '.join(TOP_KEYS)})")
     values = {k: _check_type(k, v, TOP_KEYS[k]) for k, v in raw.items()}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    target = dict(values.pop("target", {}))
+    for key in overrides:
+        if key not in OVERRIDE_KEYS:
+            raise ConfigError(f"unknown override {key!r} (known: {', '.join(OVERRIDE_KEYS)})")
+    folder = path.resolve().parent
+    target = values.pop("target", {})
     for key in target:
         if key not in TARGET_KEYS:
             raise ConfigError(
-                f"{path}: unknown key {key!r} in [target] (known: ticket, credential, secret)"
+                f"{path}: unknown key {key!r} in [target] (known: {', '.join(TARGET_KEYS)})"
             )
-    folder = path.resolve().parent
     files: dict[str, Path] = {}
     for key in TARGET_KEYS:
         if key in overrides:
@@ -157,46 +222,35 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
             raise ConfigError(f"{path}: no target {key}: set [target] {key} or pass --{key}")
         if not files[key].is_file():
             raise ConfigError(f"target {key} {files[key]}: no such file")
-    attacks = []
-    for i, table in enumerate(values.pop("attack", [])):
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: [[attack]] number {i + 1} is not a table")
-        for key in table:
-            if key not in ATTACK_KEYS:
-                raise ConfigError(f"{path}: unknown key {key!r} in [[attack]] number {i + 1}")
-        name = table.get("name")
-        if not isinstance(name, str):
-            raise ConfigError(f"{path}: [[attack]] number {i + 1} has no name")
-        params = table.get("params", {})
-        if not isinstance(params, dict):
-            raise ConfigError(f"{path}: the params of attack {name!r} must be a table")
-        label = table.get("label")
-        if label is not None and not isinstance(label, str):
-            raise ConfigError(f"{path}: the label of attack {name!r} must be a string")
-        attacks.append(AttackSpec(name, dict(params), label))
+    attacks = _attack_specs(path, values.pop("attack", []), folder)
     if not attacks:
         raise ConfigError(f"{path}: the config names no [[attack]]")
     seeds = values.pop("seeds", [0])
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ConfigError("config key 'seeds' must be a non-empty list of integers >= 0")
-    for key in ("device", "workers"):
-        if key in overrides:
-            values[key] = overrides[key]
+        raise ConfigError(
+            f"config key 'seeds' must be a non-empty list of integers >= 0, got {seeds!r}"
+        )
+    if "device" in overrides:
+        values["device"] = _check_type("device", overrides["device"], str)
+    if "workers" in overrides:
+        values["workers"] = _check_type("workers", overrides["workers"], int)
     config = BenchConfig(
         name=values.pop("name", path.stem),
         ticket=files["ticket"],
         credential=files["credential"],
         secret=files["secret"],
-        attacks=tuple(attacks),
+        attacks=attacks,
         seeds=tuple(seeds),
         **values,
     )
     _check_config(config)
-    expand(config)  # every attack and parameter is checked before anything runs
+    expand(config)  # every parameter value is checked before anything runs
     return config
 
 
 def _check_config(config: BenchConfig) -> None:
+    from ticketguard.tickets.training import resolve_device
+
     if not 0 < config.alpha < 1:
         raise ConfigError(f"config key 'alpha' must be in (0, 1), got {config.alpha}")
     if not 0 <= config.max_drop <= 1:
@@ -208,9 +262,10 @@ def _check_config(config: BenchConfig) -> None:
     if config.null_samples < 2:
         raise ConfigError(f"config key 'null_samples' must be >= 2, got {config.null_samples}")
     if config.workers < 1:
-        raise ConfigError(f"the number of workers must be >= 1, got {config.workers}")
-    if not config.name or "/" in config.name or config.name.startswith("."):
+        raise ConfigError(f"config key 'workers' must be >= 1, got {config.workers}")
+    if not config.name or "/" in config.name or "\\" in config.name or config.name[0] == ".":
         raise ConfigError(f"config key 'name' must be a plain name, got {config.name!r}")
+    resolve_device(config.device)
 
 
 def _sha256(path: Path) -> str:
@@ -219,6 +274,33 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _cell_id(config: BenchConfig, targets: dict[str, str], **what: Any) -> str:
+    """Name a cell by what decides its result: the attack, the target files, the judging."""
+    key = {
+        **what,
+        "targets": targets,
+        "alpha": config.alpha,
+        "reference": config.reference,
+        "blackbox": config.blackbox,
+        "null_samples": config.null_samples,
+    }
+    return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
+
+
+def _config_defaults(attack: Attack, config: BenchConfig, given: dict[str, Any]) -> dict[str, Any]:
+    """Fill the parameters the config sets for every attack: the attacker's data share (in
+    attacks that train) and the significance level (in attacks that verify themselves)."""
+    filled = dict(given)
+    names = {p.name for p in attack.params}
+    if attack.needs_data:
+        for name in DATA_PARAMS:
+            if name in names and name not in filled:
+                filled[name] = config.data_fraction
+    if "alpha" in names and "alpha" not in filled:
+        filled["alpha"] = config.alpha
+    return filled
 
 
 def expand(config: BenchConfig) -> list[Cell]:
@@ -230,10 +312,7 @@ def expand(config: BenchConfig) -> list[Cell]:
             attack = get_attack(spec.name)
         except AttackError as exc:
             raise ConfigError(str(exc)) from None
-        given = dict(spec.params)
-        for name in FRACTION_PARAMS:
-            if name not in given and any(p.name == name for p in attack.params):
-                given[name] = config.data_fraction
+        given = _config_defaults(attack, config, spec.params)
         axes = {k: v if isinstance(v, list) else [v] for k, v in given.items()}
         for k, v in axes.items():
             if not v:
@@ -241,39 +320,65 @@ def expand(config: BenchConfig) -> list[Cell]:
         keys = list(axes)
         for combo in itertools.product(*(axes[k] for k in keys)):
             grid = dict(zip(keys, combo, strict=True))
-            resolved = attack.resolve(grid)
+            try:
+                resolved = attack.resolve(grid)
+            except AttackError as exc:
+                raise ConfigError(f"attack {spec.name!r}: {exc}") from None
+            shown = {k: v for k, v in resolved.items() if k in spec.params}
             for seed in config.seeds:
-                key = {
-                    "attack": spec.name,
-                    "params": resolved,
-                    "seed": seed,
-                    "targets": targets,
-                    "alpha": config.alpha,
-                    "reference": config.reference,
-                    "blackbox": config.blackbox,
-                    "null_samples": config.null_samples,
-                }
-                cell_id = hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
-                shown = {
-                    k: v for k, v in grid.items() if k not in FRACTION_PARAMS or k in spec.params
-                }
-                label = spec.label or spec.name
-                cells.append(Cell(cell_id, spec.name, resolved, shown, seed, label))
+                cell_id = _cell_id(config, targets, attack=spec.name, params=resolved, seed=seed)
+                cells.append(
+                    Cell(cell_id, spec.name, resolved, shown, seed, spec.label or spec.name)
+                )
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise ConfigError("the config names the same cell twice (same attack, parameters and seed)")
     return cells
 
 
-# --- running one cell ----------------------------------------------------------------------------
+def baseline_cell(config: BenchConfig) -> Cell:
+    """Return the cell that verifies the unattacked target (what each attack starts from)."""
+    targets = {k: _sha256(getattr(config, k)) for k in TARGET_KEYS}
+    cell_id = _cell_id(config, targets, attack=BASELINE, params={}, seed=0)
+    return Cell(cell_id, BASELINE, {}, {}, 0, "no attack (the signed target)")
 
-_CACHE: dict[str, Any] = {}
+
+# --- judging a cell ------------------------------------------------------------------------------
 
 
-def _target(config: dict[str, Any]) -> dict[str, Any]:
+def judge(record: dict[str, Any], max_drop: float) -> dict[str, Any]:
+    """Set whether the cell's attack succeeded, by the rule of its kind.
+
+    Verified cells: the owner's evidence is lost (not verified) and the accuracy drop is at
+    most `max_drop`. Disputes: the owner is not named the original. Counts: some key verified.
+    """
+    record = dict(record)
+    by = record.get("judged_by")
+    if record.get("error") or by is None:
+        record["attack_succeeded"] = None
+    elif by == BY_DISPUTE:
+        record["attack_succeeded"] = record.get("winner") != "owner"
+    elif by == BY_COUNT:
+        record["attack_succeeded"] = bool((record.get("details") or {}).get("verified", 0) > 0)
+    else:
+        drop = record.get("drop")
+        useful = drop is None or drop <= max_drop + _DROP_SLACK
+        record["evidence_survives"] = bool(record.get("verified"))
+        record["attack_succeeded"] = (not record.get("verified")) and useful
+        if record.get("attack") == BASELINE:
+            record["attack_succeeded"] = None
+    return record
+
+
+# --- running one cell (in this process or a worker) -----------------------------------------------
+
+_TARGETS: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def _target(shared: Mapping[str, Any]) -> dict[str, Any]:
     """Load the target ticket, its test split and clean accuracy once per process."""
-    key = config["ticket"]
-    if key not in _CACHE:
+    key = (shared["ticket"], shared["ticket_sha256"])
+    if key not in _TARGETS:
         import torch
 
         from ticketguard.tickets.data import load_data
@@ -281,20 +386,34 @@ def _target(config: dict[str, Any]) -> dict[str, Any]:
         from ticketguard.tickets.ticket import load_ticket
         from ticketguard.tickets.training import evaluate, resolve_device
 
-        device = resolve_device(config["device"])
-        ticket = load_ticket(key)
+        device = resolve_device(shared["device"])
+        ticket = load_ticket(shared["ticket"])
         name, split_seed = dataset_of(ticket, None)
         shape = ticket.metadata.get("input_shape")
         image_size = int(shape[-1]) if name.startswith("imagefolder:") and shape else None
         splits = load_data(name, split_seed=split_seed, image_size=image_size)
-        with torch.no_grad():
+        with torch.inference_mode():
             before = evaluate(ticket.build_model().to(device), splits.test, device)
-        _CACHE.clear()
-        _CACHE[key] = {"ticket": ticket, "test": splits.test, "before": before, "device": device}
-    return _CACHE[key]
+        _TARGETS.clear()
+        _TARGETS[key] = {"ticket": ticket, "test": splits.test, "before": before, "device": device}
+    return _TARGETS[key]
 
 
-def _evidence(report: Any) -> list[dict[str, Any]]:
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else "no message"
+
+
+def _accuracy(ticket: Any, target: dict[str, Any]) -> float | None:
+    import torch
+
+    from ticketguard.tickets.training import evaluate
+
+    with torch.inference_mode():
+        return evaluate(ticket.build_model().to(target["device"]), target["test"], target["device"])
+
+
+def _evidence(evidences: Any) -> list[dict[str, Any]]:
     return [
         {
             "name": e.name,
@@ -304,140 +423,167 @@ def _evidence(report: Any) -> list[dict[str, Any]]:
             "valid": e.valid,
             "null": e.null,
         }
-        for e in report.evidences
+        for e in evidences
     ]
 
 
 def _verify(
-    config: dict[str, Any], attacked: Any, cell_id: str, target: dict[str, Any]
+    shared: Mapping[str, Any], attacked: Any, name: str, target: dict[str, Any]
 ) -> dict[str, Any]:
+    """Verify an attacked model in memory as a judge would (revealed secret, owner's reference)."""
     from ticketguard.tickets.loading import LoadedCheckpoint
     from ticketguard.verify.blackbox import ModelSuspect
     from ticketguard.verify.verification import VerifyConfig, verify
 
     loaded = LoadedCheckpoint(
-        Path(f"<{cell_id}>"),
-        "ticket",
-        dict(attacked.trained),
-        attacked.mask,
-        None,
-        dict(attacked.metadata),
-        [],
-        attacked,
+        path=Path(name),
+        source_format="ticket",
+        state=dict(attacked.trained),
+        mask=attacked.mask,
+        rewind=None,
+        metadata=dict(attacked.metadata),
+        notes=[],
+        ticket=attacked,
     )
     queried = None
-    if config["blackbox"] and config["has_triggers"]:
-        queried = ModelSuspect(attacked.build_model(), target["device"], f"<{cell_id}>")
+    if shared["blackbox"] and shared["has_triggers"]:
+        queried = ModelSuspect(attacked.build_model(), target["device"], name)
     report = verify(
         loaded,
-        credential=config["credential"],
-        reveal=config["secret"],
-        reference=target["ticket"] if config["reference"] else None,
-        config=VerifyConfig(alpha=config["alpha"], null_samples=config["null_samples"]),
+        credential=shared["credential"],
+        reveal=shared["secret"],
+        reference=target["ticket"] if shared["reference"] else None,
+        config=VerifyConfig(alpha=shared["alpha"], null_samples=shared["null_samples"]),
         blackbox=queried,
     )
     return {
-        "evidence": _evidence(report),
+        "judged_by": BY_VERIFICATION,
+        "evidence": _evidence(report.evidences),
         "crypto_valid": any(e.valid is True for e in report.evidences if e.kind == "cryptographic"),
         "verified": report.verified,
+        "decisive": list(report.verdict.decisive),
         "reason": report.verdict.reason,
         "threshold_log10": report.verdict.threshold_log10,
         "problems": list(report.problems),
     }
 
 
-def run_cell(config: dict[str, Any], cell: dict[str, Any], out: str) -> dict[str, Any]:
-    """Run one cell and return its record; an error becomes the record's `error`."""
-    from ticketguard.attacks.base import run_attack
-    from ticketguard.tickets.training import evaluate
-
-    record: dict[str, Any] = {
-        "id": cell["id"],
-        "attack": cell["attack"],
-        "label": cell["label"],
-        "params": cell["params"],
-        "grid": cell["grid"],
-        "seed": cell["seed"],
-        "error": None,
-    }
-    attack = get_attack(cell["attack"])
-    record["kind"] = attack.kind
-    record["strength"] = attack.strength
-    record["strength_value"] = cell["params"].get(attack.strength) if attack.strength else None
-    try:
-        target = _target(config)
-        context = AttackContext(device=target["device"])
-        record["accuracy_before"] = target["before"]
-        result = run_attack(
-            cell["attack"], target["ticket"], cell["params"], seed=cell["seed"], context=context
-        )
-        record["seconds_attack"] = result.seconds
-        record["details"] = result.details
-        start = time.perf_counter()
-        if cell["attack"] in MEASUREMENT_ATTACKS:
-            record.update(
-                {
-                    "accuracy_after": None,
-                    "drop": None,
-                    "evidence": [],
-                    "verified": None,
-                    "attack_succeeded": bool(result.details.get("verified", 0) > 0),
-                }
-            )
-        else:
-            model = result.ticket.build_model().to(target["device"])
-            after = evaluate(model, target["test"], target["device"])
-            record["accuracy_after"] = after
-            record["drop"] = (
-                None if after is None or target["before"] is None else target["before"] - after
-            )
-            if cell["attack"] in CLAIM_ATTACKS:
-                record.update(_dispute(config, result, cell, out, target))
-            else:
-                record.update(_verify(config, result.ticket, cell["id"], target))
-                ok = record["drop"] is None or record["drop"] <= config["max_drop"]
-                record["evidence_survives"] = record["verified"]
-                record["attack_succeeded"] = (not record["verified"]) and ok
-        record["seconds_verify"] = time.perf_counter() - start
-    except TicketGuardError as exc:
-        record["error"] = str(exc)
-    except Exception as exc:  # noqa: BLE001 - a cell's crash is recorded, not the run's end
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
-        record["error"] = f"{type(exc).__name__}: {first}"
-    return record
-
-
 def _dispute(
-    config: dict[str, Any], result: Any, cell: dict[str, Any], out: str, target: dict[str, Any]
+    shared: Mapping[str, Any], result: Any, cell_id: str, out: str, target: dict[str, Any]
 ) -> dict[str, Any]:
-    from ticketguard.signatures.signing import write_signed
+    """Write the attacker's claim beside the cell and let a dispute decide between the claims."""
+    from ticketguard.signatures.signing import output_paths, write_signed
     from ticketguard.verify.dispute import Claim, dispute
     from ticketguard.verify.verification import VerifyConfig
 
-    folder = Path(out) / "claims" / cell["id"]
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / "attacker.ticket"
-    write_signed(result.claim, stem)
+    ticket_path, cred_path, secret_path = output_paths(
+        Path(out) / "cells" / cell_id / "attacker.ticket"
+    )
+    ticket_path.parent.mkdir(parents=True, exist_ok=True)
+    write_signed(result.claim, ticket_path)
     claims = [
-        Claim(Path(config["credential"]), Path(config["secret"]), Path(config["ticket"]), "owner"),
-        Claim(folder / "attacker.cred.json", folder / "attacker.secret.json", stem, "attacker"),
+        Claim(Path(shared["credential"]), Path(shared["secret"]), Path(shared["ticket"]), "owner"),
+        Claim(cred_path, secret_path, ticket_path, "attacker"),
     ]
     decided = dispute(
         claims,
-        config=VerifyConfig(alpha=config["alpha"]),
-        blackbox=config["blackbox"],
+        config=VerifyConfig(alpha=shared["alpha"], null_samples=shared["null_samples"]),
+        blackbox=shared["blackbox"],
         device=target["device"],
     )
-    winner = {0: "owner", 1: "attacker"}.get(decided.winner, "undecided")  # type: ignore[arg-type]
     owner_on_copy = decided.matrix[0][1]
     return {
-        "evidence": owner_on_copy["evidence"],
-        "crypto_valid": any(e["valid"] is True for e in owner_on_copy["evidence"]),
+        "judged_by": BY_DISPUTE,
+        "evidence": [
+            # A dispute's cells carry no kind; only cryptographic evidence has a validity.
+            {**e, "kind": "statistical" if e.get("valid") is None else "cryptographic"}
+            for e in owner_on_copy["evidence"]
+        ],
+        "crypto_valid": any(e.get("valid") is True for e in owner_on_copy["evidence"]),
         "verified": owner_on_copy["verified"],
+        "decisive": list(owner_on_copy.get("decisive") or []),
         "reason": owner_on_copy["reason"],
-        "winner": winner,
-        "reasoning": decided.reasoning,
-        "attack_succeeded": winner != "owner",
+        "winner": {0: "owner", 1: "attacker"}.get(decided.winner, "undecided"),  # type: ignore[arg-type]
+        "attacker_mark_on_original": decided.matrix[1][0]["verified"],
+        "reasoning": list(decided.reasoning),
+        "claim_files": [str(ticket_path), str(cred_path), str(secret_path)],
+    }
+
+
+def run_cell(
+    shared: Mapping[str, Any], job: Mapping[str, Any], attack: Attack | None, out: str
+) -> dict[str, Any]:
+    """Run one cell and return its record; any failure becomes the record's one-line `error`.
+
+    `attack` is the registered attack itself (None for the baseline), so attacks registered at
+    run time reach worker processes too."""
+    record: dict[str, Any] = {
+        "id": job["id"],
+        "attack": job["attack"],
+        "label": job["label"],
+        "kind": attack.kind if attack is not None else None,
+        "params": dict(job["params"]),
+        "grid": dict(job["grid"]),
+        "seed": job["seed"],
+        "strength": attack.strength if attack is not None else None,
+        "strength_value": (
+            job["params"].get(attack.strength) if attack is not None and attack.strength else None
+        ),
+        "error": None,
+    }
+    try:
+        target = _target(shared)
+        record["accuracy_before"] = target["before"]
+        if attack is None:
+            attacked, record["seconds_attack"], record["details"] = target["ticket"], 0.0, {}
+            result = None
+        else:
+            start = time.perf_counter()
+            result = attack.run(
+                target["ticket"],
+                dict(job["params"]),
+                job["seed"],
+                AttackContext(device=target["device"]),
+            )
+            record["seconds_attack"] = time.perf_counter() - start
+            record["details"] = dict(result.details)
+            attacked = result.ticket
+        start = time.perf_counter()
+        if attacked is None:  # a pure measurement: the attack reports its own counts
+            record.update(
+                {"judged_by": BY_COUNT, "accuracy_after": None, "drop": None, "evidence": []}
+            )
+            record["verified"] = None
+        else:
+            after = _accuracy(attacked, target)
+            record["accuracy_after"] = after
+            before = target["before"]
+            record["drop"] = None if after is None or before is None else before - after
+            name = f"<{job['attack']} {job['id']}>"
+            if attack is not None and attack.makes_claim and result.claim is not None:
+                record.update(_dispute(shared, result, job["id"], out, target))
+            else:
+                record.update(_verify(shared, attacked, name, target))
+        record["seconds_verify"] = time.perf_counter() - start
+    except TicketGuardError as exc:
+        record["error"] = _one_line(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a cell's crash is recorded, not the run's end
+        record["error"] = f"{type(exc).__name__}: {_one_line(str(exc))}"
+    return judge(record, shared["max_drop"])
+
+
+def _error_record(job: Mapping[str, Any], attack: Attack | None, message: str) -> dict[str, Any]:
+    """Record a cell whose worker could not return a result (it died, or could not be sent)."""
+    return {
+        "id": job["id"],
+        "attack": job["attack"],
+        "label": job["label"],
+        "kind": attack.kind if attack is not None else None,
+        "params": dict(job["params"]),
+        "grid": dict(job["grid"]),
+        "seed": job["seed"],
+        "error": message,
+        "attack_succeeded": None,
     }
 
 
@@ -446,9 +592,11 @@ def _dispute(
 
 @dataclass
 class BenchResult:
-    """What a run produced: every cell's record (in grid order), how many ran and were skipped."""
+    """What a run produced: the baseline and every cell's record (grid order), how many cells
+    ran and how many finished ones were kept, the run's time and the files written."""
 
     config: BenchConfig
+    baseline: dict[str, Any]
     cells: list[dict[str, Any]]
     ran: int
     skipped: int
@@ -457,30 +605,36 @@ class BenchResult:
 
     @property
     def failed(self) -> list[dict[str, Any]]:
-        return [c for c in self.cells if c.get("error")]
+        """Return the records that ended in an error (the baseline included)."""
+        return [c for c in [self.baseline, *self.cells] if c.get("error")]
 
 
-def _cell_path(out: Path, cell_id: str) -> Path:
-    return out / "cells" / f"{cell_id}.json"
+def cell_path(out: Path, cell_id: str) -> Path:
+    """Return where a finished cell's record lives."""
+    return Path(out) / "cells" / f"{cell_id}.json"
 
 
 def _finished(out: Path, cell: Cell) -> dict[str, Any] | None:
-    path = _cell_path(out, cell.id)
+    path = cell_path(out, cell.id)
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return record if record.get("id") == cell.id and not record.get("error") else None
+    if not isinstance(record, dict) or record.get("id") != cell.id or record.get("error"):
+        return None
+    return record
 
 
-def _config_dict(config: BenchConfig) -> dict[str, Any]:
+def _shared(config: BenchConfig) -> dict[str, Any]:
+    """Return what every cell needs to know, as plain values a worker process can receive."""
     from ticketguard.signatures.credential import read_credential
 
     doc = read_credential(config.credential).document or {}
     return {
         "ticket": str(config.ticket),
+        "ticket_sha256": _sha256(config.ticket),
         "credential": str(config.credential),
         "secret": str(config.secret),
         "alpha": config.alpha,
@@ -493,89 +647,25 @@ def _config_dict(config: BenchConfig) -> dict[str, Any]:
     }
 
 
+def _job(cell: Cell) -> dict[str, Any]:
+    return {
+        "id": cell.id,
+        "attack": cell.attack,
+        "params": cell.params,
+        "grid": cell.grid,
+        "seed": cell.seed,
+        "label": cell.label,
+    }
+
+
 def _worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
 
 
-def run_bench(
-    config: BenchConfig,
-    out: str | Path,
-    *,
-    fresh: bool = False,
-    on_cell: Callable[[dict[str, Any]], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
-) -> BenchResult:
-    """Run every unfinished cell (all with `fresh`), record each, and write the reports."""
-    from ticketguard.attacks.report import write_reports
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cells").mkdir(exist_ok=True)
-    cells = expand(config)
-    records: dict[str, dict[str, Any]] = {}
-    pending = []
-    for cell in cells:
-        done = None if fresh else _finished(out, cell)
-        if done is not None:
-            records[cell.id] = done
-        else:
-            pending.append(cell)
-    if on_start is not None:
-        on_start(len(pending), len(cells) - len(pending))
-    shared = _config_dict(config)
-    start = time.perf_counter()
-
-    def finish(record: dict[str, Any]) -> None:
-        write_json_atomic(_cell_path(out, record["id"]), _json_ready(record))
-        records[record["id"]] = json.loads(_cell_path(out, record["id"]).read_text("utf-8"))
-        if on_cell is not None:
-            on_cell(record)
-
-    jobs = [
-        {
-            "id": c.id,
-            "attack": c.attack,
-            "params": c.params,
-            "grid": c.grid,
-            "seed": c.seed,
-            "label": c.label,
-        }
-        for c in pending
-    ]
-    if config.workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            finish(run_cell(shared, job, str(out)))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        threads = max(1, (os.cpu_count() or 1) // config.workers)
-        with ProcessPoolExecutor(
-            max_workers=config.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(threads,),
-        ) as pool:
-            futures = [pool.submit(run_cell, shared, job, str(out)) for job in jobs]
-            try:
-                for future in as_completed(futures):
-                    finish(future.result())
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-    ordered = [records[c.id] for c in cells]
-    result = BenchResult(
-        config, ordered, len(pending), len(cells) - len(pending), time.perf_counter() - start
-    )
-    result.outputs = write_reports(ordered, config, out)
-    return result
-
-
 def _json_ready(value: Any) -> Any:
-    """Return `value` with non-finite floats as strings, so the JSON stays standard."""
+    """Return `value` with non-finite floats as strings ('-inf'), so the JSON stays standard."""
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, dict):
@@ -587,11 +677,97 @@ def _json_ready(value: Any) -> Any:
     return str(value)
 
 
-def grid_size(configs: Iterable[Cell]) -> int:
-    """Return how many cells a grid has."""
-    return sum(1 for _ in configs)
+def run_bench(
+    config: BenchConfig,
+    out: str | Path,
+    *,
+    fresh: bool = False,
+    on_cell: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> BenchResult:
+    """Run the baseline and every unfinished cell (all with `fresh`), record each as it
+    finishes, and write the reports. `on_start(pending, kept)` is called once before the first
+    cell runs, `on_cell(record)` after each. Ctrl-C stops the run; finished cells stay."""
+    from ticketguard.attacks.report import write_reports
+
+    out = Path(out)
+    cells = expand(config)
+    base = baseline_cell(config)
+    attacks = {c.attack: get_attack(c.attack) for c in cells}
+    records: dict[str, dict[str, Any]] = {}
+    pending: list[Cell] = []
+    for cell in [base, *cells]:
+        done = None if fresh else _finished(out, cell)
+        if done is not None:
+            records[cell.id] = done
+        else:
+            pending.append(cell)
+    ran = sum(1 for c in pending if c.attack != BASELINE)
+    skipped = len(cells) - ran
+    if on_start is not None:
+        on_start(ran, skipped)
+    shared = _shared(config)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def finish(record: dict[str, Any]) -> None:
+        ready = _json_ready(record)
+        write_json_atomic(cell_path(out, record["id"]), ready)
+        records[record["id"]] = ready
+        if on_cell is not None and record["attack"] != BASELINE:
+            on_cell(ready)
+
+    work = [(c, attacks.get(c.attack)) for c in pending]
+    if config.workers == 1 or len(work) <= 1:
+        for cell, attack in work:
+            finish(run_cell(shared, _job(cell), attack, str(out)))
+    else:
+        _run_in_workers(config.workers, shared, work, str(out), finish)
+    baseline = judge(records[base.id], config.max_drop)
+    ordered = [judge(records[c.id], config.max_drop) for c in cells]
+    result = BenchResult(config, baseline, ordered, ran, skipped, time.perf_counter() - start)
+    result.outputs = write_reports(ordered, config, out, baseline=baseline)
+    return result
 
 
-def is_ambiguity(attack: str) -> bool:
-    """Return whether an attack is an ambiguity attack (judged by disputes or counts)."""
-    return get_attack(attack).kind == AMBIGUITY
+def _run_in_workers(
+    workers: int,
+    shared: dict[str, Any],
+    work: list[tuple[Cell, Attack | None]],
+    out: str,
+    finish: Callable[[dict[str, Any]], None],
+) -> None:
+    """Run cells in `workers` spawned processes, each with its share of the CPU threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(threads,),
+    )
+    try:
+        futures = {
+            pool.submit(run_cell, shared, _job(cell), attack, out): (cell, attack)
+            for cell, attack in work
+        }
+        for future in as_completed(futures):
+            cell, attack = futures[future]
+            try:
+                record = future.result()
+            except Exception as exc:  # noqa: BLE001 - a dead worker fails its cell, not the run
+                record = _error_record(
+                    _job(cell), attack, f"worker failed: {type(exc).__name__}: {_one_line(exc)}"
+                )
+            finish(record)
+    except BaseException:
+        # Ctrl-C: the finished cells are on disk; stop the running ones instead of waiting for
+        # them (ProcessPoolExecutor has no public way to before Python 3.14).
+        running = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in running:
+            process.terminate()
+        raise
+    pool.shutdown(wait=True)

@@ -1,15 +1,17 @@
 """Removal attacks: the thief keeps the model and tries to lose the owner's evidence.
 
 Every attack here is a pure function of the stolen ticket, its parameters and a seed, and
-returns the attacked model as a new ticket (see `base.attacked_ticket`). Weight-space attacks act
-on every conv and linear weight tensor; biases and normalisation parameters are left alone,
-since the evidence lives in the weights' topology and their magnitudes.
+returns the attacked model as a new ticket (see `base.attacked_ticket`). The weight-space attacks
+(prune, regrow, noise, quantize, shift, permute) act on the conv and linear weight tensors and
+leave biases and normalisation parameters alone: the evidence lives in the weights' topology and
+magnitudes, and moving batch-norm statistics would only cost the thief accuracy. They run on the
+CPU with CPU generators, so a seed gives the same model on any machine (each is a few vectorised
+passes over the weights); the attacks that train run on `context.device`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ticketguard.attacks.base import (
     REMOVAL,
@@ -37,7 +39,7 @@ from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.models import build_model, classifier_name, prunable_parameters
 from ticketguard.tickets.pruning import PruneConfig, prune_magnitude
 from ticketguard.tickets.ticket import Ticket, load_state
-from ticketguard.tickets.training import TrainConfig, logits_of, train
+from ticketguard.tickets.training import TrainConfig, iterations_per_epoch, logits_of, train
 
 # --- shared pieces -------------------------------------------------------------------------------
 
@@ -52,6 +54,7 @@ def _weight_names(ticket: Ticket) -> list[str]:
 
 
 def attacker_splits(ticket: Ticket, context: AttackContext) -> Any:
+    """Load the data splits the ticket records, or the dataset the context names instead."""
     from ticketguard.tickets.data import load_data
     from ticketguard.tickets.retrain import dataset_of
 
@@ -68,7 +71,7 @@ def attacker_splits(ticket: Ticket, context: AttackContext) -> Any:
 
 
 def _train_config(ticket: Ticket, epochs: int, lr: float) -> TrainConfig:
-    """The owner's recorded batch size and weight decay, a cosine schedule of `epochs`."""
+    """The owner's recorded batch size and weight decay, cosine SGD for `epochs`."""
     recorded = ((ticket.metadata.get("finding") or {}).get("config") or {}).get("train") or {}
     base = TrainConfig()
     try:
@@ -76,15 +79,31 @@ def _train_config(ticket: Ticket, epochs: int, lr: float) -> TrainConfig:
         decay = float(recorded.get("weight_decay", base.weight_decay))
     except (TypeError, ValueError):
         batch, decay = base.batch_size, base.weight_decay
-    return replace(base, epochs=epochs, lr=lr, batch_size=batch, weight_decay=decay)
+    if batch < 1 or not decay >= 0:
+        batch, decay = base.batch_size, base.weight_decay
+    return replace(
+        base,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch,
+        weight_decay=decay,
+        optimizer="sgd",
+        schedule="cosine",
+    )
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, *tags: object) -> Iterator[None]:
-    """Run a block with torch's global RNG seeded, and give the caller's state back after."""
-    with torch.random.fork_rng(devices=[]):
+def _seeded(seed: int, *tags: object, device: torch.device | None = None) -> Iterator[None]:
+    """Run a block with torch's global RNGs (CPU, and `device` if CUDA) seeded, restored after."""
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(attack_seed(seed, *tags))
         yield
+
+
+def kept_mask(ticket: Ticket) -> Mask:
+    """The stolen ticket's mask restricted to what its weights really keep."""
+    return Mask({n: m & (ticket.trained[n] != 0) for n, m in ticket.mask.items()})
 
 
 def fine_tune_state(
@@ -101,7 +120,9 @@ def fine_tune_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train `state` on the attacker's share of the data under `mask` (empty: dense).
 
-    With `trainable`, only those parameters learn and every other tensor is kept as it was.
+    With `trainable`, only those parameters learn (the others get no gradient, so neither weight
+    decay nor momentum moves them) and every other tensor, batch-norm statistics included, is
+    returned as it was.
     """
     if epochs == 0:
         return state, {"samples": 0, "epochs": 0}
@@ -113,32 +134,27 @@ def fine_tune_state(
         for name, param in model.named_parameters():
             param.requires_grad_(name in trainable)
     model = model.to(context.device)
+    config = _train_config(ticket, epochs, lr)
     result = train(
         model,
         mask.to(context.device),
         data,
-        _train_config(ticket, epochs, lr),
+        config,
         device=context.device,
         seed=attack_seed(seed, "train"),
         progress=context.progress,
     )
     trained = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if trainable is not None:
-        # Only the trainable tensors may change: batch-norm statistics of frozen layers stay too.
         trained = {k: trained[k] if k in trainable else state[k] for k in state}
     return trained, {
         "samples": len(data),  # type: ignore[arg-type]
         "epochs": epochs,
+        "steps": result.iterations,
+        "batch_size": config.batch_size,
         "last_loss": result.last_loss,
     }
 
-
-def kept_mask(ticket: Ticket) -> Mask:
-    """The stolen ticket's mask restricted to what its weights really keep."""
-    return Mask({n: m & (ticket.trained[n] != 0) for n, m in ticket.mask.items()})
-
-
-# --- fine-tuning ---------------------------------------------------------------------------------
 
 FRACTION = Param(
     "fraction",
@@ -148,33 +164,41 @@ FRACTION = Param(
     minimum=0.001,
     maximum=1.0,
 )
+LR = Param("lr", float, 0.01, "Learning rate (cosine schedule).", minimum=1e-8, maximum=10.0)
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------
+
+
+def _classifier(model: nn.Module) -> tuple[str, nn.Module]:
+    """Return the state-dict prefix and the module of the model's final linear classifier."""
+    last = classifier_name(model)
+    if last is None:
+        raise AttackError("the model has no linear classifier to fine-tune or re-initialise")
+    path = last.rsplit(".", 1)[0] if "." in last else ""
+    return (path + "." if path else ""), (model.get_submodule(path) if path else model)
 
 
 def finetune(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext) -> AttackResult:
     """Fine-tune with the mask fixed or densely, all layers or the last, the last re-initialised."""
     state = _clone(ticket.trained)
-    model = ticket.build_model()
-    last = classifier_name(model)
-    if last is None and (p["layers"] == "last" or p["reinit_last"]):
-        raise AttackError("the model has no linear classifier to fine-tune or re-initialise")
+    before = kept_mask(ticket)
+    mask = before if p["mode"] == "masked" else Mask({})
     details: dict[str, Any] = {}
-    if p["reinit_last"] and last is not None:
-        module = model.get_submodule(last.rsplit(".", 1)[0]) if "." in last else model
-        with _seeded(seed, "reinit"):
-            module.reset_parameters()  # type: ignore[operator]
-        fresh = module.state_dict()
-        prefix = last.rsplit(".", 1)[0] + "." if "." in last else ""
-        for key, value in fresh.items():
-            state[prefix + key] = value.detach().clone()
-        details["reinitialised"] = last
-    mask = kept_mask(ticket) if p["mode"] == "masked" else Mask({})
-    if p["reinit_last"] and last in mask:
-        # A re-initialised classifier starts dense; its old pattern means nothing any more.
-        mask = Mask({n: m for n, m in mask.items() if n != last})
     trainable = None
-    if p["layers"] == "last" and last is not None:
-        prefix = last.rsplit(".", 1)[0] + "." if "." in last else ""
-        trainable = {k for k in state if k in (prefix + "weight", prefix + "bias")}
+    if p["layers"] == "last" or p["reinit_last"]:
+        model = ticket.build_model()
+        prefix, module = _classifier(model)
+        own = {prefix + k for k, _ in module.named_parameters(recurse=False)}
+        if p["layers"] == "last":
+            trainable = own
+        if p["reinit_last"]:
+            with _seeded(seed, "reinit"):
+                module.reset_parameters()  # type: ignore[operator]
+            state.update({prefix + k: v.detach().clone() for k, v in module.state_dict().items()})
+            # A re-initialised classifier starts dense; its old pattern means nothing any more.
+            mask = Mask({n: m for n, m in mask.items() if n not in own})
+            details["reinitialised"] = prefix + "weight"
     trained, info = fine_tune_state(
         ticket,
         state,
@@ -188,7 +212,7 @@ def finetune(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContex
     )
     details.update(info)
     out = attacked_ticket(ticket, trained, attack="finetune", params=p, seed=seed)
-    details["surviving_before"] = ticket.mask.num_surviving
+    details["surviving_before"] = before.num_surviving
     details["surviving_after"] = out.mask.num_surviving
     return AttackResult(out, details)
 
@@ -197,7 +221,7 @@ register(
     Attack(
         "finetune",
         REMOVAL,
-        "Fine-tune the stolen model on the attacker's data (mask fixed or dense; FTLL/FTAL/RTLL/RTAL).",
+        "Fine-tune on the attacker's data (mask fixed or dense; FTLL/FTAL/RTLL/RTAL).",
         (
             Param(
                 "mode",
@@ -210,9 +234,7 @@ register(
                 "layers", str, "all", "Train all layers, or only the classifier.", ("all", "last")
             ),
             Param("reinit_last", bool, False, "Re-initialise the classifier first (RTLL/RTAL)."),
-            Param(
-                "lr", float, 0.01, "Learning rate (cosine schedule).", minimum=1e-8, maximum=10.0
-            ),
+            LR,
             Param("epochs", int, 5, "Epochs over the attacker's data.", minimum=0, maximum=10_000),
             FRACTION,
         ),
@@ -227,10 +249,12 @@ register(
 
 
 def _prune_mask(ticket: Ticket, p: dict[str, Any], seed: int) -> Mask:
+    """Return the kept mask less `rate` of its entries (the smallest, or random ones)."""
     mask = kept_mask(ticket)
     if p["method"] == "magnitude":
         scores = {n: ticket.trained[n] for n in mask}
     else:
+        # Random scores ranked by the same pruner: a uniformly random subset of the survivors.
         gen = generator(seed, "prune")
         scores = {n: torch.rand(m.shape, generator=gen) for n, m in mask.items()}
     return prune_magnitude(scores, mask, PruneConfig(rate=p["rate"], scope=p["scope"]))
@@ -238,8 +262,19 @@ def _prune_mask(ticket: Ticket, p: dict[str, Any], seed: int) -> Mask:
 
 def _pruned_state(ticket: Ticket, mask: Mask) -> dict[str, torch.Tensor]:
     state = _clone(ticket.trained)
-    mask.apply_(state)
+    for name, m in mask.items():
+        state[name] = state[name].masked_fill(~m, 0.0)
     return state
+
+
+def _removed(before: Mask, after: Mask) -> dict[str, Any]:
+    per_layer = {n: int(before[n].sum()) - int(after[n].sum()) for n in before}
+    return {
+        "removed": sum(per_layer.values()),
+        "surviving_before": before.num_surviving,
+        "surviving_after": after.num_surviving,
+        "removed_per_layer": per_layer,
+    }
 
 
 PRUNE_PARAMS = (
@@ -272,15 +307,7 @@ def prune(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext) 
     """Prune a further fraction of the surviving weights (it can only remove)."""
     mask = _prune_mask(ticket, p, seed)
     out = attacked_ticket(ticket, _pruned_state(ticket, mask), attack="prune", params=p, seed=seed)
-    before = kept_mask(ticket)
-    return AttackResult(
-        out,
-        {
-            "removed": before.num_surviving - mask.num_surviving,
-            "surviving_after": mask.num_surviving,
-            "removed_per_layer": {n: int(before[n].sum()) - int(mask[n].sum()) for n in mask},
-        },
-    )
+    return AttackResult(out, _removed(kept_mask(ticket), mask))
 
 
 def prune_finetune(
@@ -299,8 +326,7 @@ def prune_finetune(
         context=context,
     )
     out = attacked_ticket(ticket, trained, attack="prune-finetune", params=p, seed=seed)
-    info["removed"] = kept_mask(ticket).num_surviving - mask.num_surviving
-    return AttackResult(out, info)
+    return AttackResult(out, {**_removed(kept_mask(ticket), mask), **info})
 
 
 register(
@@ -320,7 +346,7 @@ register(
         "Prune further, then fine-tune under the new mask.",
         PRUNE_PARAMS
         + (
-            Param("lr", float, 0.01, "Learning rate of the fine-tune.", minimum=1e-8, maximum=10.0),
+            LR,
             Param("epochs", int, 3, "Fine-tuning epochs.", minimum=0, maximum=10_000),
             FRACTION,
         ),
@@ -335,31 +361,45 @@ register(
 
 
 def _surviving_std(weight: torch.Tensor) -> float:
+    """Return the std of a tensor's non-zero entries (0.0 with fewer than two)."""
     alive = weight[weight != 0].float()
     return float(alive.std()) if alive.numel() > 1 else 0.0
 
 
 def regrow(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext) -> AttackResult:
-    """Revive a fraction of each layer's pruned weights with small random values (only adds)."""
+    """Revive a fraction of each layer's pruned weights with small random values (only adds).
+
+    New weights are Gaussian with std `scale` times the std of the layer's surviving weights (of
+    all masked layers' survivors where a layer has too few); survivors keep their exact values.
+    """
     state = _clone(ticket.trained)
     gen = generator(seed, "regrow")
+    names = list(ticket.mask)
+    survivors = torch.cat([state[n][state[n] != 0].float() for n in names] or [torch.zeros(0)])
+    fallback = float(survivors.std()) if survivors.numel() > 1 else 1.0
     added: dict[str, int] = {}
-    for name in ticket.mask:
+    for name in names:
         weight = state[name]
         pruned = (weight == 0).flatten().nonzero().squeeze(1)
         count = round(p["fraction"] * len(pruned))
+        added[name] = count
         if count == 0:
-            added[name] = 0
             continue
         chosen = pruned[torch.randperm(len(pruned), generator=gen)[:count]]
-        std = _surviving_std(weight) or 1.0
-        values = torch.randn(count, generator=gen) * (p["scale"] * std)
-        # A value of exactly zero would not be a regrown connection.
-        values = torch.where(values == 0, torch.full_like(values, p["scale"] * std), values)
+        std = p["scale"] * (_surviving_std(weight) or fallback)
+        values = torch.randn(count, generator=gen) * std
+        # A value of exactly zero would not be a regrown connection (and scale 0 means "tiny").
+        values = torch.where(values == 0, torch.full_like(values, max(std, 1e-12)), values)
         weight.view(-1)[chosen] = values.to(weight.dtype)
-        added[name] = count
     out = attacked_ticket(ticket, state, attack="regrow", params=p, seed=seed)
-    return AttackResult(out, {"added": sum(added.values()), "added_per_layer": added})
+    return AttackResult(
+        out,
+        {
+            "added": sum(added.values()),
+            "added_per_layer": added,
+            "surviving_after": out.mask.num_surviving,
+        },
+    )
 
 
 register(
@@ -392,20 +432,35 @@ register(
 
 
 def noise(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext) -> AttackResult:
-    """Add Gaussian noise with a std relative to each layer's surviving weights."""
+    """Add Gaussian noise to every conv and linear weight, std relative to the layer's survivors.
+
+    Biases and batch-norm parameters and statistics are left alone: they carry no evidence, and
+    noising the statistics would only cost the thief accuracy. Scope `all` noises the pruned
+    zeros too (the model turns dense); `surviving` noises the non-zero weights only.
+    """
     state = _clone(ticket.trained)
     gen = generator(seed, "noise")
-    ratios: dict[str, float] = {}
+    stds: dict[str, float] = {}
+    changed = 0
     for name in _weight_names(ticket):
         weight = state[name]
         std = _surviving_std(weight)
-        delta = torch.randn(weight.shape, generator=gen) * (p["sigma"] * std)
+        delta = torch.randn(weight.shape, generator=gen).to(weight.dtype) * (p["sigma"] * std)
         if p["scope"] == "surviving":
             delta = delta * (weight != 0)
-        state[name] = weight + delta.to(weight.dtype)
-        ratios[name] = std
+        state[name] = weight + delta
+        stds[name] = std
+        changed += int((delta != 0).sum())
     out = attacked_ticket(ticket, state, attack="noise", params=p, seed=seed)
-    return AttackResult(out, {"layers": len(ratios), "surviving_std": ratios})
+    return AttackResult(
+        out,
+        {
+            "layers": len(stds),
+            "noised": changed,
+            "surviving_std": stds,
+            "surviving_after": out.mask.num_surviving,
+        },
+    )
 
 
 register(
@@ -436,38 +491,58 @@ register(
 )
 
 
+#: fp16's smallest spacing (its subnormals) and the mantissa bits of its normal numbers.
+_FP16_MIN_EXPONENT, _FP16_MANTISSA = -24, 10
+
+
 def quantize_tensor(
     weight: torch.Tensor, bits: int, granularity: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return `weight` quantised to `bits` (16: fp16) and dequantised, and the step (scale) used."""
+    """Return `weight` quantised to `bits` (16: IEEE fp16) and dequantised, and the step used.
+
+    k-bit is symmetric uniform: 2^(k-1)-1 levels each side of zero at a step of max|w| / levels,
+    one step per tensor or per output channel (`granularity`). For fp16 the step is the format's
+    spacing at each weight. The step broadcasts against `weight`, and every weight moves by at
+    most half its step; zeros stay zeros.
+    """
     if bits == 16:
         q = weight.to(torch.float16).to(weight.dtype)
-        return q, (weight - q).abs().max().reshape(1) * 2
+        if not bool(torch.isfinite(q).all()):
+            raise AttackError("a weight is too large for fp16 (|w| > 65504); use fewer bits")
+        # |w| = m * 2^e with m in [0.5, 1): fp16 spaces that binade 2^(e - 1 - 10) apart.
+        exponent = torch.frexp(weight.abs().float()).exponent - 1 - _FP16_MANTISSA
+        return q, torch.ldexp(torch.ones_like(q), exponent.clamp_min(_FP16_MIN_EXPONENT))
     levels = 2 ** (bits - 1) - 1
-    flat = (
-        weight.detach().abs().reshape(weight.shape[0], -1)
-        if granularity == "channel"
-        else weight.detach().abs().reshape(1, -1)
-    )
-    scale = flat.max(dim=1).values / levels
-    shape = (-1,) + (1,) * (weight.dim() - 1) if granularity == "channel" else (1,) * weight.dim()
-    s = scale.reshape(shape)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
+    rows = weight.shape[0] if granularity == "channel" else 1
+    shape = (rows,) + (1,) * (weight.dim() - 1) if granularity == "channel" else (1,) * weight.dim()
+    step = weight.detach().abs().reshape(rows, -1).amax(dim=1).reshape(shape) / levels
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    # |w / step| <= levels by construction, so the clamp only guards rounding at the top level.
     q = torch.round(weight / safe).clamp(-levels, levels) * safe
-    return torch.where(s > 0, q, weight), scale
+    return torch.where(step > 0, q, weight), step
 
 
 def quantize(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext) -> AttackResult:
     """Quantise every conv and linear weight to fp16 or symmetric k-bit integers (dequantised)."""
     state = _clone(ticket.trained)
     errors: dict[str, float] = {}
+    steps: dict[str, float] = {}
     for name in _weight_names(ticket):
-        q, _scale = quantize_tensor(state[name], p["bits"], p["granularity"])
-        errors[name] = float((q - state[name]).abs().max())
+        q, step = quantize_tensor(state[name], p["bits"], p["granularity"])
+        errors[name] = float((q - state[name]).abs().max()) if q.numel() else 0.0
+        steps[name] = float(step.max()) if step.numel() else 0.0
         state[name] = q
     out = attacked_ticket(ticket, state, attack="quantize", params=p, seed=seed)
     lost = kept_mask(ticket).num_surviving - out.mask.num_surviving
-    return AttackResult(out, {"max_error": errors, "rounded_to_zero": lost})
+    return AttackResult(
+        out,
+        {
+            "format": "fp16" if p["bits"] == 16 else f"{p['bits']}-bit symmetric",
+            "max_error": errors,
+            "max_step": steps,
+            "rounded_to_zero": lost,
+        },
+    )
 
 
 register(
@@ -483,7 +558,7 @@ register(
                 "granularity",
                 str,
                 "tensor",
-                "One scale per tensor or per output channel.",
+                "One scale per tensor or per output channel (k-bit only).",
                 ("tensor", "channel"),
             ),
         ),
@@ -497,10 +572,12 @@ def shift(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext) 
     """Shift each output filter's surviving weights by a random vector, then fine-tune (masked).
 
     After the weight-shifting attack of Lukas et al. (SoK, 2022): the offset of each filter has
-    `shift` times the filter's norm, so every filter moves by the same relative amount.
+    `shift` times the filter's norm, so every filter moves by the same relative amount and the
+    pruned weights stay zero.
     """
     state = _clone(ticket.trained)
     gen = generator(seed, "shift")
+    filters = 0
     for name in _weight_names(ticket):
         weight = state[name]
         alive = (weight != 0).to(weight.dtype)
@@ -512,11 +589,11 @@ def shift(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext) 
             norm_d > 0, p["shift"] * norm_w / norm_d.clamp_min(1e-30), torch.zeros_like(norm_d)
         )
         state[name] = weight + direction * scale
-    mask = kept_mask(ticket)
+        filters += int((norm_d > 0).sum())
     trained, info = fine_tune_state(
         ticket,
         state,
-        mask,
+        kept_mask(ticket),
         epochs=p["epochs"],
         lr=p["lr"],
         fraction=p["fraction"],
@@ -524,7 +601,7 @@ def shift(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext) 
         context=context,
     )
     out = attacked_ticket(ticket, trained, attack="shift", params=p, seed=seed)
-    return AttackResult(out, info)
+    return AttackResult(out, {"shifted_filters": filters, **info})
 
 
 register(
@@ -544,7 +621,7 @@ register(
             Param(
                 "epochs", int, 1, "Fine-tuning epochs after the shift.", minimum=0, maximum=10_000
             ),
-            Param("lr", float, 0.01, "Learning rate of the fine-tune.", minimum=1e-8, maximum=10.0),
+            LR,
             FRACTION,
         ),
         shift,
@@ -558,7 +635,12 @@ register(
 
 
 def permute(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext) -> AttackResult:
-    """Shuffle hidden channels by a random function-preserving permutation (residual-consistent)."""
+    """Shuffle hidden channels by a random function-preserving permutation (residual-consistent).
+
+    The traced channel structure ties together every channel that must move as one (a residual
+    stream, a concatenation), so the trained and the rewind weights, and with them the mask, are
+    permuted consistently and the model computes the same function.
+    """
     from ticketguard.signatures.topology import ticket_structure
 
     if ticket.architecture is None or ticket.num_classes is None:
@@ -590,13 +672,10 @@ register(
 def _batches(
     data: Dataset, batch_size: int, gen: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    from torch.utils.data import DataLoader, TensorDataset
-
+    """Yield one epoch of shuffled batches (the partial last batch dropped, as in training)."""
     n = len(data)  # type: ignore[arg-type]
     order = torch.randperm(n, generator=gen)
-    chunks = list(order.split(batch_size)) if n >= batch_size else [order]
-    if n >= batch_size and len(chunks[-1]) < batch_size and len(chunks) > 1:
-        chunks = chunks[:-1]
+    chunks = [order] if n < batch_size else list(order[: n - n % batch_size].split(batch_size))
     if isinstance(data, TensorDataset):
         for idx in chunks:
             yield data.tensors[0][idx], data.tensors[1][idx]
@@ -606,32 +685,39 @@ def _batches(
 
 
 def distill(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext) -> AttackResult:
-    """Train a fresh dense student of the same architecture on the stolen model's soft labels."""
+    """Train a fresh dense student of the same architecture on the stolen model's soft labels.
+
+    The loss is the KL divergence between the teacher's and the student's softened outputs at
+    `temperature` T, times T^2 (so its gradients keep their scale), mixed with the true labels'
+    cross-entropy at weight `alpha_hard`. SGD with momentum 0.9 and a cosine schedule.
+    """
+    if ticket.architecture is None or ticket.num_classes is None:
+        raise AttackError("the ticket records no architecture to build a student of")
     device = context.device
     splits = attacker_splits(ticket, context)
     data = attacker_subset(splits.train, p["fraction"], attack_seed(seed, "data"))
     teacher = ticket.build_model().to(device).eval()
     with _seeded(seed, "student"):
         student: nn.Module = build_model(
-            ticket.architecture or "", ticket.num_classes or 10, ticket.architecture_kwargs
+            ticket.architecture, ticket.num_classes, ticket.architecture_kwargs
         )
     student = student.to(device)
     config = _train_config(ticket, p["epochs"], p["lr"])
     optimizer = torch.optim.SGD(
         student.parameters(), lr=p["lr"], momentum=0.9, weight_decay=config.weight_decay
     )
-    per_epoch = max(1, len(data) // config.batch_size)  # type: ignore[arg-type]
-    total = per_epoch * p["epochs"]
+    samples = len(data)  # type: ignore[arg-type]
+    total = iterations_per_epoch(samples, config.batch_size) * p["epochs"]
     temperature, hard = p["temperature"], p["alpha_hard"]
     step, loss = 0, torch.tensor(float("nan"))
-    with _seeded(seed, "augment"):
+    # Augmentation and dropout draw from torch's global RNGs: seed them, give them back after.
+    with _seeded(seed, "augment", device=device):
         student.train()
         for epoch in range(p["epochs"]):
-            gen = generator(seed, "epoch", epoch)
-            for x, y in _batches(data, config.batch_size, gen):
+            for x, y in _batches(data, config.batch_size, generator(seed, "epoch", epoch)):
                 x, y = x.to(device), y.to(device)
                 for group in optimizer.param_groups:
-                    group["lr"] = 0.5 * p["lr"] * (1 + math.cos(math.pi * step / max(total, 1)))
+                    group["lr"] = config.lr_at(step, total)
                 with torch.no_grad():
                     soft = F.softmax(logits_of(teacher(x)) / temperature, dim=1)
                 logits = logits_of(student(x))
@@ -649,13 +735,14 @@ def distill(ticket: Ticket, p: dict[str, Any], seed: int, context: AttackContext
             if not bool(torch.isfinite(loss)):
                 raise AttackError(f"distillation diverged in epoch {epoch + 1}; lower --lr")
     state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
-    out = attacked_ticket(ticket, state, attack="distill", params=p, seed=seed, rewind=None)
+    out = attacked_ticket(ticket, state, attack="distill", params=p, seed=seed)
     return AttackResult(
         out,
         {
-            "samples": len(data),  # type: ignore[arg-type]
+            "samples": samples,
             "epochs": p["epochs"],
             "steps": step,
+            "batch_size": config.batch_size,
             "last_loss": float(loss.detach()),
         },
     )

@@ -7,7 +7,7 @@ import csv
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +16,30 @@ from ticketguard.verify.stats import format_p
 
 CSV_NAME, JSON_NAME, PLOT_NAME = "results.csv", "results.json", "plots.png"
 MD_NAME, HTML_NAME = "report.md", "report.html"
+#: Evidence left out of the summary table: W1's random-mask null cannot reach the threshold
+#: with the few samples a benchmark draws, so its column would only say "not significant".
+TABLE_SKIPS = ("W1 topology",)
+
+Record = Mapping[str, Any]
 
 
 def _num(value: Any) -> float | None:
+    """Return a number from a record value (non-finite ones are stored as text, e.g. '-inf')."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
         return float(value)
     try:
-        return float(value)  # "-inf" stored as text
+        return float(value)
     except (TypeError, ValueError):
         return None
 
 
-def _params_text(record: dict[str, Any]) -> str:
+def _label(record: Record) -> str:
+    return " ".join(str(record.get("label") or record.get("attack")).split())
+
+
+def _params_text(record: Record) -> str:
     grid = record.get("grid") or {}
     return ", ".join(f"{k}={v}" for k, v in grid.items()) or "defaults"
 
@@ -44,7 +54,33 @@ def _points(value: Any) -> str:
     return "-" if v is None else f"{100 * v:+.2f}"
 
 
-def _smallest(record: dict[str, Any]) -> tuple[str, float | None]:
+def _judged_by(record: Record) -> str | None:
+    if record.get("judged_by"):
+        return str(record["judged_by"])
+    if record.get("winner") is not None:
+        return "dispute"
+    return "count" if record.get("attack") == "key-search" else "verification"
+
+
+def _evidence_names(records: Sequence[Record]) -> list[str]:
+    names: list[str] = []
+    for r in records:
+        for e in r.get("evidence") or []:
+            if e["name"] not in names:
+                names.append(e["name"])
+    return names
+
+
+def _evidence_text(e: Mapping[str, Any]) -> str:
+    value = _num(e.get("log10_p"))
+    if value is not None:
+        return f"p = {format_p(value)}"
+    if e.get("valid") is not None:
+        return "valid" if e["valid"] else "invalid"
+    return "not judged"
+
+
+def _smallest(record: Record) -> tuple[str, float | None]:
     values = [
         (e["name"], _num(e.get("log10_p")))
         for e in record.get("evidence") or []
@@ -52,13 +88,12 @@ def _smallest(record: dict[str, Any]) -> tuple[str, float | None]:
     ]
     if not values:
         return "-", None
-    name, value = min(values, key=lambda item: item[1])  # type: ignore[arg-type, return-value]
-    return name, value
+    return min(values, key=lambda item: item[1])  # type: ignore[arg-type, return-value]
 
 
-def evidence_text(record: dict[str, Any]) -> str:
+def evidence_text(record: Record) -> str:
     """Return the cell's strongest evidence as text (the smallest p, a valid signature)."""
-    if record.get("attack") == "key-search":
+    if _judged_by(record) == "count":
         d = record.get("details") or {}
         return f"{d.get('verified')} of {d.get('tries')} random keys verified"
     name, value = _smallest(record)
@@ -68,88 +103,90 @@ def evidence_text(record: dict[str, Any]) -> str:
     return "; ".join(parts) or "-"
 
 
-def verdict_text(record: dict[str, Any]) -> str:
-    """Return what the cell's judge decided, in words."""
+def verdict_text(record: Record) -> str:
+    """Return what the cell's judge decided, in words, with the evidence that decided it."""
     if record.get("error"):
         return f"error: {record['error']}"
-    if record.get("winner") is not None:
-        return f"dispute won by the {record['winner']}"
+    by = _judged_by(record)
+    if by == "dispute":
+        return f"dispute won by the {record.get('winner')}"
+    if by == "count":
+        d = record.get("details") or {}
+        return f"{d.get('verified')} of {d.get('tries')} keys verified"
     if record.get("verified") is None:
         return "-"
-    return "verified" if record["verified"] else "NOT verified"
+    if not record["verified"]:
+        return "NOT verified"
+    decisive = record.get("decisive") or []
+    return "verified" + (f" ({', '.join(decisive)})" if decisive else "")
 
 
-def _evidence_cell(record: dict[str, Any], name: str) -> str:
-    for e in record.get("evidence") or []:
-        if e["name"] != name:
-            continue
-        value = _num(e.get("log10_p"))
-        if value is not None:
-            return f"p = {format_p(value)}"
-        if e.get("valid") is not None:
-            return "valid" if e["valid"] else "invalid"
-        return "not judged"
-    return "-"
+def _succeeded_text(record: Record) -> str:
+    if record.get("error") or record.get("attack_succeeded") is None:
+        return "-"
+    return "YES" if record["attack_succeeded"] else "no"
 
 
-def summary_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """Return one display row per cell: attack, parameters, accuracy, each evidence's p-value
-    (or signature check), the verdict and whether the attack succeeded."""
-    names = [n for n in _evidence_names(records) if n != "W1 topology"]
+def summary_rows(records: Sequence[Record]) -> list[dict[str, str]]:
+    """Return one display row per cell: attack, parameters, accuracy and drop, each evidence's
+    p-value (or signature check), the verdict with its decisive evidence, and the outcome."""
+    names = [n for n in _evidence_names(records) if n not in TABLE_SKIPS]
     rows = []
     for r in records:
         row = {
-            "attack": str(r.get("label") or r.get("attack")),
+            "attack": _label(r),
             "parameters": _params_text(r),
             "seed": str(r.get("seed")),
             "accuracy": _percent(r.get("accuracy_after")),
             "drop (pts)": _points(r.get("drop")),
         }
+        found = {e["name"]: e for e in r.get("evidence") or []}
         for name in names:
-            row[name] = _evidence_cell(r, name)
-        if r.get("attack") == "key-search":
-            row[names[0] if names else "evidence"] = evidence_text(r)
+            row[name] = _evidence_text(found[name]) if name in found else "-"
         row["verdict"] = verdict_text(r)
-        row["attack succeeded"] = (
-            "-" if r.get("error") else ("YES" if r.get("attack_succeeded") else "no")
-        )
+        row["attack succeeded"] = _succeeded_text(r)
         rows.append(row)
     return rows
 
 
-def _evidence_names(records: Sequence[dict[str, Any]]) -> list[str]:
-    names: list[str] = []
-    for r in records:
-        for e in r.get("evidence") or []:
-            if e["name"] not in names:
-                names.append(e["name"])
-    return names
+# --- CSV and JSON --------------------------------------------------------------------------------
+
+CSV_COLUMNS = (
+    "id",
+    "attack",
+    "label",
+    "kind",
+    "judged_by",
+    "seed",
+    "params",
+    "strength",
+    "strength_value",
+    "accuracy_before",
+    "accuracy_after",
+    "drop",
+    "verified",
+    "decisive",
+    "crypto_valid",
+    "evidence_survives",
+    "winner",
+    "attack_succeeded",
+    "seconds_attack",
+    "seconds_verify",
+    "reason",
+    "error",
+)
 
 
-def write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """Write one row per cell, with a log10 p (or validity) column per evidence."""
+def write_csv(records: Sequence[Record], path: Path) -> None:
+    """Write one row per cell: its fields, one column per parameter, and a log10 p and a
+    validity column per evidence."""
     names = _evidence_names(records)
+    params: list[str] = []
+    for r in records:
+        params += [k for k in r.get("params") or {} if k not in params]
     columns = (
-        [
-            "id",
-            "attack",
-            "label",
-            "kind",
-            "seed",
-            "params",
-            "strength",
-            "strength_value",
-            "accuracy_before",
-            "accuracy_after",
-            "drop",
-            "verified",
-            "crypto_valid",
-            "winner",
-            "attack_succeeded",
-            "seconds_attack",
-            "seconds_verify",
-            "error",
-        ]
+        list(CSV_COLUMNS)
+        + [f"param {p}" for p in params]
         + [f"{n} log10_p" for n in names]
         + [f"{n} valid" for n in names]
     )
@@ -157,26 +194,56 @@ def write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in records:
-            row = {k: r.get(k) for k in columns}
+            row = {k: r.get(k) for k in CSV_COLUMNS}
+            row["judged_by"] = _judged_by(r)
             row["params"] = json.dumps(r.get("params"), sort_keys=True)
+            row["decisive"] = "; ".join(r.get("decisive") or [])
+            for k, v in (r.get("params") or {}).items():
+                row[f"param {k}"] = v
             for e in r.get("evidence") or []:
                 row[f"{e['name']} log10_p"] = e.get("log10_p")
                 row[f"{e['name']} valid"] = e.get("valid")
             writer.writerow(row)
 
 
-def _plotted(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    panels: dict[str, list[dict[str, Any]]] = {}
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def _plotted(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """Group the cells judged by verification into panels, one per attack (or label)."""
+    panels: dict[str, list[Record]] = {}
     for r in records:
-        if r.get("error") or r.get("winner") is not None or r.get("attack") == "key-search":
+        if r.get("error") or _judged_by(r) != "verification":
             continue
-        panels.setdefault(str(r.get("label") or r["attack"]), []).append(r)
+        panels.setdefault(_label(r), []).append(r)
     return panels
 
 
-def write_plots(records: Sequence[dict[str, Any]], path: Path, max_drop: float) -> bool:
-    """Draw -log10 p of each evidence and the accuracy against attack strength, a panel per
-    attack; return False when no cell can be plotted."""
+def _neg_log10_p(record: Record, name: str) -> float | None:
+    for e in record.get("evidence") or []:
+        if e["name"] == name:
+            value = _num(e.get("log10_p"))
+            return None if value is None else -value
+    return None
+
+
+def _positions(cells: Sequence[Record]) -> tuple[dict[str, float], list[str] | None]:
+    """Map each cell's strength value to an x position; non-numeric values become categories."""
+    values = [c.get("strength_value") for c in cells]
+    if all(_num(v) is not None for v in values):
+        return {json.dumps(v): float(_num(v)) for v in values}, None  # type: ignore[arg-type]
+    names = list(dict.fromkeys("defaults" if v is None else str(v) for v in values))
+    return {
+        json.dumps(v): float(names.index("defaults" if v is None else str(v))) for v in values
+    }, names
+
+
+def write_plots(
+    records: Sequence[Record], path: Path, max_drop: float, alpha: float | None = None
+) -> bool:
+    """Draw -log10 p of each evidence and the clean accuracy against the attack's strength, a
+    panel per attack; lines are the other parameters' settings, averaged over seeds (single
+    seeds as points). Return False when no cell can be plotted (then nothing is written)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,47 +254,95 @@ def write_plots(records: Sequence[dict[str, Any]], path: Path, max_drop: float) 
         return False
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
-    markers = "osD^vP*X"
+    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 4.0 * rows), squeeze=False)
+    markers = "osD^vP*Xh"
     for ax, (label, cells) in zip(axes.flat, panels.items(), strict=False):
         strength = cells[0].get("strength")
-        twin = ax.twinx()
-        variants: dict[str, list[dict[str, Any]]] = {}
-        for c in cells:
-            rest = {k: v for k, v in (c.get("grid") or {}).items() if k != strength}
-            variants.setdefault(", ".join(f"{k}={v}" for k, v in rest.items()), []).append(c)
-        for v_index, (variant, group) in enumerate(variants.items()):
-            group = sorted(group, key=lambda c: _num(c.get("strength_value")) or 0.0)
-            xs = [_num(c.get("strength_value")) or 0.0 for c in group]
-            for e_index, name in enumerate(_evidence_names(group)):
-                ys = []
-                for c in group:
-                    found = [e for e in c.get("evidence") or [] if e["name"] == name]
-                    value = _num(found[0].get("log10_p")) if found else None
-                    ys.append(math.nan if value is None else -value)
-                if all(math.isnan(y) for y in ys):
-                    continue
-                tag = f"{name}" + (f" ({variant})" if variant else "")
-                ax.plot(xs, ys, marker=markers[(v_index + e_index) % len(markers)], label=tag)
-            accs = [100 * (_num(c.get("accuracy_after")) or math.nan) for c in group]
-            twin.plot(xs, accs, color="black", linestyle=":", marker="x", alpha=0.7)
-        threshold = _num(cells[0].get("threshold_log10"))
-        if threshold is not None:
-            ax.axhline(-threshold, color="red", linestyle="--", linewidth=1, label="threshold")
-        before = _num(cells[0].get("accuracy_before"))
-        if before is not None:
-            twin.axhline(100 * (before - max_drop), color="grey", linestyle="-.", linewidth=1)
-        ax.set_yscale("symlog", linthresh=10)
-        top = max(
-            [-threshold if threshold is not None else 10.0]
-            + [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
+        where, categories = _positions(cells)
+        threshold = next(
+            (-t for c in cells if (t := _num(c.get("threshold_log10"))) is not None), None
         )
-        ax.set_ylim(0, max(20.0, 2 * top))
+        if threshold is None and alpha is not None:
+            threshold = -math.log10(alpha)
+        finite = [
+            y
+            for c in cells
+            for n in _evidence_names([c])
+            if (y := _neg_log10_p(c, n)) is not None and math.isfinite(y)
+        ]
+        # p = 0 (log10 p = -inf) is drawn on a ceiling above everything finite.
+        ceiling = 1.5 * max([threshold or 10.0, *finite]) + 1
+        twin = ax.twinx()
+        # A line per setting of the other parameters that vary in this panel.
+        varying = [
+            k
+            for k in dict.fromkeys(k for c in cells for k in c.get("grid") or {})
+            if k != strength and len({json.dumps((c.get("grid") or {}).get(k)) for c in cells}) > 1
+        ]
+        variants: dict[str, list[Record]] = {}
+        for c in cells:
+            rest = {k: (c.get("grid") or {}).get(k) for k in varying}
+            variants.setdefault(", ".join(f"{k}={v}" for k, v in rest.items()), []).append(c)
+        clipped = False
+        for v_index, (variant, group) in enumerate(variants.items()):
+            xs = sorted({where[json.dumps(c.get("strength_value"))] for c in group})
+            at = {
+                x: [c for c in group if where[json.dumps(c.get("strength_value"))] == x] for x in xs
+            }
+            for e_index, name in enumerate(_evidence_names(group)):
+                means, points = [], []
+                for x in xs:
+                    ys = [y for c in at[x] if (y := _neg_log10_p(c, name)) is not None]
+                    ys = [min(y, ceiling) for y in ys]
+                    clipped = clipped or any(y == ceiling for y in ys)
+                    means.append(sum(ys) / len(ys) if ys else math.nan)
+                    points += [(x, y) for y in ys] if len(ys) > 1 else []
+                if all(math.isnan(m) for m in means):
+                    continue
+                tag = name + (f" ({variant})" if variant else "")
+                line = ax.plot(
+                    xs, means, marker=markers[(v_index * 3 + e_index) % len(markers)], label=tag
+                )[0]
+                if points:
+                    ax.scatter(*zip(*points, strict=True), s=10, color=line.get_color(), alpha=0.5)
+            accs = []
+            for x in xs:
+                found = [a for c in at[x] if (a := _num(c.get("accuracy_after"))) is not None]
+                accs.append(100 * sum(found) / len(found) if found else math.nan)
+            twin.plot(
+                xs,
+                accs,
+                color="black",
+                linestyle=":",
+                marker="x",
+                alpha=0.7,
+                label="accuracy" + (f" ({variant})" if variant else ""),
+            )
+        if threshold is not None:
+            ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label="threshold")
+        if clipped:
+            ax.axhline(ceiling, color="grey", linewidth=0.5, label="p = 0 (clipped)")
+        before = next((b for c in cells if (b := _num(c.get("accuracy_before"))) is not None), None)
+        if before is not None:
+            twin.axhline(
+                100 * (before - max_drop),
+                color="grey",
+                linestyle="-.",
+                linewidth=1,
+                label=f"accuracy floor (max_drop {100 * max_drop:g} pts)",
+            )
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_ylim(0, 1.1 * ceiling)
+        twin.set_ylim(0, 100)
+        if categories is not None:
+            ax.set_xticks(range(len(categories)), categories)
         ax.set_title(label)
         ax.set_xlabel(strength or "(no strength parameter)")
         ax.set_ylabel("-log10 p")
-        twin.set_ylabel("test accuracy % (x, dotted)")
-        ax.legend(fontsize=6, loc="best")
+        twin.set_ylabel("clean test accuracy %")
+        handles = ax.get_legend_handles_labels()
+        more = twin.get_legend_handles_labels()
+        twin.legend(handles[0] + more[0], handles[1] + more[1], fontsize=6, loc="best")
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
@@ -237,74 +352,137 @@ def write_plots(records: Sequence[dict[str, Any]], path: Path, max_drop: float) 
     return True
 
 
-def _lost(records: Sequence[dict[str, Any]], max_drop: float) -> list[str]:
+# --- what the report says ------------------------------------------------------------------------
+
+
+def _passed(record: Record) -> set[str]:
+    """Return the evidence that decided the cell's verdict (p below threshold, valid signature)."""
+    return set(record.get("decisive") or [])
+
+
+def lost_lines(records: Sequence[Record], max_drop: float, baseline: Record | None) -> list[str]:
+    """Say, for every cell judged by verification, which of the target's decisive evidence the
+    attack removed, whether the owner still verified, and what it cost the model."""
+    before = _passed(baseline) if baseline and not baseline.get("error") else None
     lines = []
     for r in records:
-        if r.get("error") or r.get("verified") is not False or r.get("winner") is not None:
+        if r.get("error") or _judged_by(r) != "verification":
+            continue
+        found = {e["name"]: e for e in r.get("evidence") or []}
+        if before is not None:
+            gone = sorted(before - _passed(r))
+        else:
+            gone = sorted(n for n, e in found.items() if r.get("verified") is False)
+        if not gone and r.get("verified"):
+            continue
+        what = ", ".join(
+            f"{n} ({_evidence_text(found[n]) if n in found else 'absent'})" for n in gone
+        )
+        head = f"{_label(r)} ({_params_text(r)}, seed {r.get('seed')}): "
+        if r.get("verified"):
+            lines.append(
+                f"{head}lost {what}; still verified by {', '.join(r.get('decisive') or [])}"
+            )
             continue
         drop = _num(r.get("drop"))
         cost = (
-            "and the accuracy stayed within bounds: the attack succeeded"
+            "with the accuracy within bounds: the attack succeeded"
             if r.get("attack_succeeded")
-            else f"but the accuracy fell by {_points(drop)} points (more than {100 * max_drop:g}): "
-            "the attack fails"
+            else f"but the accuracy fell by {100 * (drop or 0.0):.2f} points (more than "
+            f"{100 * max_drop:g}): the attack fails"
         )
-        lines.append(
-            f"{r.get('label') or r['attack']} ({_params_text(r)}, seed {r.get('seed')}): "
-            f"evidence lost ({evidence_text(r)}) {cost}"
-        )
+        lines.append(f"{head}NOT verified, lost {what or 'all evidence'} {cost}")
     return lines
 
 
-def _ambiguity(records: Sequence[dict[str, Any]]) -> list[str]:
+def ambiguity_lines(records: Sequence[Record]) -> list[str]:
+    """Say what the disputes decided and how many random keys verified."""
     lines = []
     for r in records:
         if r.get("error"):
             continue
-        if r.get("winner") is not None:
+        by = _judged_by(r)
+        if by == "dispute":
             lines.append(
-                f"{r.get('label') or r['attack']} ({_params_text(r)}): the dispute names the "
-                f"{r['winner']}: " + "; ".join(r.get("reasoning") or [])
+                f"{_label(r)} ({_params_text(r)}, seed {r.get('seed')}): the dispute names the "
+                f"{r.get('winner')}"
+                + (f" (accuracy of the attacker's model {_percent(r.get('accuracy_after'))})")
+                + ": "
+                + "; ".join(r.get("reasoning") or [])
             )
-        elif r.get("attack") == "key-search":
+        elif by == "count":
             d = r.get("details") or {}
             best = d.get("smallest_log10_p") or {}
-            shown = ", ".join(f"{k} p = {format_p(float(v))}" for k, v in best.items())
+            shown = ", ".join(
+                f"{k} p = {format_p(v)}" for k, v0 in best.items() if (v := _num(v0)) is not None
+            )
             lines.append(
-                f"key search: {d.get('verified')} of {d.get('tries')} random keys verified "
-                f"(bound tries x alpha = {d.get('bound')}; smallest {shown})"
+                f"{_label(r)} ({_params_text(r)}, seed {r.get('seed')}): {d.get('verified')} "
+                f"of {d.get('tries')} random keys verified (bound tries x alpha = "
+                f"{d.get('bound')}" + (f"; smallest {shown})" if shown else ")")
             )
     return lines
 
 
+def baseline_line(baseline: Record | None) -> str | None:
+    """Describe the unattacked target's verification, which every attack starts from."""
+    if not baseline:
+        return None
+    if baseline.get("error"):
+        return f"the unattacked target could not be verified: {baseline['error']}"
+    found = ", ".join(f"{e['name']} {_evidence_text(e)}" for e in baseline.get("evidence") or [])
+    return (
+        f"the unattacked target: accuracy {_percent(baseline.get('accuracy_after'))}, "
+        f"{verdict_text(baseline)}; {found}"
+    )
+
+
+def _settings(config: Any) -> list[str]:
+    return [
+        f"alpha = {config.alpha:g} (Bonferroni over each verification's m pieces of evidence: "
+        f"threshold alpha/m)",
+        f"an attack succeeds only if the owner's evidence is lost and the accuracy drop is at "
+        f"most {100 * config.max_drop:g} points (max_drop = {config.max_drop:g})",
+        f"the attacker's data fraction {config.data_fraction:g}; seeds "
+        f"{', '.join(str(s) for s in config.seeds)}; channel alignment to the owner's ticket "
+        f"{'on' if config.reference else 'off'}; black-box queries "
+        f"{'on' if config.blackbox else 'off'}",
+    ]
+
+
+def _md(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _markdown(
-    rows: list[dict[str, str]], config: Any, records: Sequence[dict[str, Any]], plot: bool
+    rows: list[dict[str, str]],
+    config: Any,
+    records: Sequence[Record],
+    baseline: Record | None,
+    plot: bool,
 ) -> str:
     head = list(rows[0]) if rows else []
     lines = [
-        f"# ticketguard robustness benchmark: {config.name}",
+        f"# ticketguard robustness benchmark: {_md(config.name)}",
         "",
         f"- target: `{config.ticket}` (credential `{config.credential}`)",
-        f"- alpha = {config.alpha:g} (Bonferroni over each verification's evidence); an attack "
-        f"succeeds only if the owner's evidence is lost **and** the accuracy drop is at most "
-        f"{100 * config.max_drop:g} points",
-        f"- attacker's data fraction {config.data_fraction:g}; seeds {list(config.seeds)}; "
-        f"reference alignment {'on' if config.reference else 'off'}; black-box queries "
-        f"{'on' if config.blackbox else 'off'}",
-        "",
-        "## Results",
-        "",
-        "| " + " | ".join(head) + " |",
-        "| " + " | ".join("---" for _ in head) + " |",
+        *(f"- {_md(s)}" for s in _settings(config)),
     ]
-    for row in rows:
-        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in row.values()) + " |")
-    lost = _lost(records, config.max_drop)
+    first = baseline_line(baseline)
+    if first:
+        lines.append(f"- {_md(first)}")
+    lines += ["", "## Results", ""]
+    if head:
+        lines += ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+        lines += ["| " + " | ".join(_md(v) for v in row.values()) + " |" for row in rows]
+    lost = lost_lines(records, config.max_drop, baseline)
     lines += ["", "## Where the evidence was lost", ""]
-    lines += [f"- {line}" for line in lost] or ["- nowhere: every attacked model still verified"]
-    amb = _ambiguity(records)
+    lines += [f"- {_md(line)}" for line in lost] or [
+        "- nowhere: every attacked model kept all of the target's decisive evidence"
+    ]
+    amb = ambiguity_lines(records)
     if amb:
-        lines += ["", "## Ambiguity attacks", ""] + [f"- {line}" for line in amb]
+        lines += ["", "## Ambiguity attacks", ""] + [f"- {_md(line)}" for line in amb]
     if plot:
         lines += [
             "",
@@ -316,7 +494,11 @@ def _markdown(
 
 
 def _html(
-    rows: list[dict[str, str]], config: Any, records: Sequence[dict[str, Any]], plot: Path | None
+    rows: list[dict[str, str]],
+    config: Any,
+    records: Sequence[Record],
+    baseline: Record | None,
+    plot: Path | None,
 ) -> str:
     e = html.escape
     head = list(rows[0]) if rows else []
@@ -327,19 +509,25 @@ def _html(
         "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
         ".yes{color:#b00;font-weight:bold}</style></head><body>",
         f"<h1>ticketguard robustness benchmark: {e(config.name)}</h1>",
-        f"<p>Target <code>{e(str(config.ticket))}</code>; alpha = {config.alpha:g}; an attack "
-        f"succeeds only if the owner's evidence is lost and the accuracy drop is at most "
-        f"{100 * config.max_drop:g} points.</p>",
-        "<h2>Results</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>",
+        f"<ul><li>target: <code>{e(str(config.ticket))}</code> (credential "
+        f"<code>{e(str(config.credential))}</code>)</li>",
+        *(f"<li>{e(s)}</li>" for s in _settings(config)),
     ]
+    first = baseline_line(baseline)
+    if first:
+        parts.append(f"<li>{e(first)}</li>")
+    parts.append("</ul><h2>Results</h2><table><tr>")
+    parts.append("".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
     for row in rows:
         cls = " class='yes'" if row.get("attack succeeded") == "YES" else ""
         parts.append("<tr>" + "".join(f"<td{cls}>{e(v)}</td>" for v in row.values()) + "</tr>")
     parts.append("</table><h2>Where the evidence was lost</h2><ul>")
-    lost = _lost(records, config.max_drop) or ["nowhere: every attacked model still verified"]
+    lost = lost_lines(records, config.max_drop, baseline) or [
+        "nowhere: every attacked model kept all of the target's decisive evidence"
+    ]
     parts += [f"<li>{e(line)}</li>" for line in lost]
     parts.append("</ul>")
-    amb = _ambiguity(records)
+    amb = ambiguity_lines(records)
     if amb:
         parts.append("<h2>Ambiguity attacks</h2><ul>")
         parts += [f"<li>{e(line)}</li>" for line in amb]
@@ -354,24 +542,34 @@ def _html(
     return "\n".join(parts) + "\n"
 
 
-def write_reports(records: Sequence[dict[str, Any]], config: Any, out: Path) -> list[Path]:
-    """Write results.csv, results.json, plots.png, report.md and report.html into `out`."""
+def write_reports(
+    records: Sequence[Record], config: Any, out: Path, *, baseline: Record | None = None
+) -> list[Path]:
+    """Write results.csv, results.json, plots.png (when some cell can be plotted), report.md
+    and report.html into `out`; return the paths written."""
     out = Path(out)
     written = [out / CSV_NAME, out / JSON_NAME]
     write_csv(records, out / CSV_NAME)
-    write_json_atomic(out / JSON_NAME, {"config": config.to_dict(), "cells": list(records)})
+    write_json_atomic(
+        out / JSON_NAME,
+        {"config": config.to_dict(), "baseline": baseline, "cells": list(records)},
+    )
     plot = out / PLOT_NAME
-    has_plot = write_plots(records, plot, config.max_drop)
+    has_plot = write_plots(records, plot, config.max_drop, config.alpha)
     if has_plot:
         written.append(plot)
+    else:
+        plot.unlink(missing_ok=True)  # an earlier run's plot would not match these cells
     rows = summary_rows(records)
-    write_text_atomic(out / MD_NAME, _markdown(rows, config, records, has_plot))
-    write_text_atomic(out / HTML_NAME, _html(rows, config, records, plot if has_plot else None))
+    write_text_atomic(out / MD_NAME, _markdown(rows, config, records, baseline, has_plot))
+    write_text_atomic(
+        out / HTML_NAME, _html(rows, config, records, baseline, plot if has_plot else None)
+    )
     return written + [out / MD_NAME, out / HTML_NAME]
 
 
-def terminal_table(records: Sequence[dict[str, Any]]) -> Any:
-    """Return a rich table of the cells for the terminal."""
+def terminal_table(records: Sequence[Record]) -> Any:
+    """Return a rich table of the cells for the terminal (successful attacks in red)."""
     from rich.table import Table
     from rich.text import Text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,9 +16,11 @@ from ticketguard.cli._common import library_errors
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Output folder [default: bench-out/NAME, NAME from the config].",
+    help="Output folder [default: bench-out/NAME in the working directory, NAME from the config].",
 )
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Worker processes [config's]."
+)
 @click.option("--ticket", type=click.Path(dir_okay=False), default=None, help="The signed ticket.")
 @click.option("--credential", type=click.Path(dir_okay=False), default=None, help="Its credential.")
 @click.option(
@@ -45,11 +48,13 @@ def bench(
     model's clean test accuracy and verifies it with the credential and the revealed secret.
     An attack succeeds when the owner's evidence is lost and the accuracy drop stays within
     the config's max_drop. Forge and fake-trigger claims are settled by a dispute; a key
-    search counts how many random keys verify. Finished cells are kept in OUT/cells and
-    skipped when the command is run again (--fresh runs them again).
+    search counts how many random keys verify. Paths in the config are relative to its
+    folder; --ticket, --credential and --secret replace its [target].
 
-    Writes OUT/results.csv, results.json, plots.png, report.md and report.html, and prints
-    the table. Exit code 1 if any cell failed.
+    Finished cells are kept in OUT/cells and skipped when the command is run again with the
+    same target and settings (--fresh runs them again; Ctrl-C keeps them). Writes
+    OUT/results.csv, results.json, plots.png, report.md and report.html, and prints the table.
+    Exit code 1 if any cell failed, 2 for a bad config.
 
     \b
     Example:
@@ -60,7 +65,7 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ticketguard.attacks.bench import load_config, run_bench
-    from ticketguard.attacks.report import terminal_table
+    from ticketguard.attacks.report import terminal_table, verdict_text
 
     config = load_config(
         config_path,
@@ -74,8 +79,9 @@ def bench(
     )
     folder = Path(out) if out is not None else Path("bench-out") / config.name
     console = Console(highlight=False)
-    if not console.is_terminal:
-        # Logs and CI keep the whole table on one line per cell.
+    live = console.is_terminal
+    if not live:
+        # Logs and CI get one line per cell instead of a redrawn bar, and the whole table.
         console = Console(highlight=False, width=220)
     progress = Progress(
         TextColumn("{task.description}"),
@@ -83,23 +89,38 @@ def bench(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        transient=False,
+        transient=True,
+        disable=not live,
     )
     task = None
+    done = 0
+    total = 0
 
-    def started(pending: int, skipped: int) -> None:
-        nonlocal task
-        if skipped:
+    def started(pending: int, kept: int) -> None:
+        nonlocal task, total
+        total = pending
+        if kept:
             console.print(
-                f"{skipped} finished cells kept from an earlier run (--fresh reruns them)"
+                f"{kept} finished cells skipped (kept from an earlier run; --fresh reruns them)",
+                markup=False,
             )
+        console.print(f"{pending} cells to run, results in {folder}", markup=False)
         task = progress.add_task(f"{config.name}: attacking", total=pending)
 
-    def finished(record: dict) -> None:
+    def finished(record: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        grid = ", ".join(f"{k}={v}" for k, v in (record.get("grid") or {}).items())
+        what = f"{record['attack']}" + (f" ({grid})" if grid else "") + f" seed {record['seed']}"
         if task is not None:
-            progress.update(task, advance=1, description=f"{config.name}: {record['attack']} done")
+            progress.update(task, advance=1, description=f"{config.name}: {what} done")
         if record.get("error"):
-            console.print(f"cell {record['id']} ({record['attack']}) failed: {record['error']}")
+            console.print(f"cell {record['id']} {what} failed: {record['error']}", markup=False)
+        elif not live:
+            seconds = (record.get("seconds_attack") or 0) + (record.get("seconds_verify") or 0)
+            console.print(
+                f"[{done}/{total}] {what}: {verdict_text(record)} ({seconds:.1f} s)", markup=False
+            )
 
     try:
         with progress:
@@ -109,9 +130,16 @@ def bench(
         raise SystemExit(130) from None
     console.print(terminal_table(result.cells))
     console.print(
-        f"{result.ran} cells run, {result.skipped} kept, in {result.seconds:.0f} s", markup=False
+        f"{result.ran} cells run, {result.skipped} skipped (finished earlier), "
+        f"in {result.seconds:.0f} s",
+        markup=False,
     )
     for path in result.outputs:
         console.print(f"wrote {path}", markup=False)
     if result.failed:
-        raise click.ClickException(f"{len(result.failed)} of {len(result.cells)} cells failed")
+        total_cells = len(result.cells) + 1
+        raise click.ClickException(
+            f"{len(result.failed)} of {total_cells} cells failed (the baseline included)"
+            if result.baseline.get("error")
+            else f"{len(result.failed)} of {len(result.cells)} cells failed"
+        )

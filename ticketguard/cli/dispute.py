@@ -25,7 +25,7 @@ def _print(result: dict[str, Any]) -> None:
         triggers = f", trigger set {c['trigger_source']}" if c["trigger_source"] else ""
         console.print(
             f"{c['label']}: {c['owner']} (key {c['key_id']}, credential {state}{triggers}, "
-            f"created {c['created']} as the credential says), model {c['model']}",
+            f"created {c['created']}: self-asserted), model {c['model']}",
             markup=False,
         )
     table = Table(title="each claim's evidence read from each claimed model")
@@ -53,14 +53,8 @@ def _print(result: dict[str, Any]) -> None:
         console.print(f"- {line}", markup=False)
     for note in result["notes"]:
         console.print(f"note: {note}", markup=False)
-    winner = result["winner"]
-    if winner is None:
-        console.print("Decision: undecided", markup=False, style="bold red")
-    else:
-        c = result["claims"][winner]
-        console.print(
-            f"Decision: {c['label']} ({c['owner']}) came first", markup=False, style="bold green"
-        )
+    style = "bold red" if result["winner"] is None else "bold green"
+    console.print(f"Decision: {result['decision']}", markup=False, style=style)
 
 
 @click.command()

@@ -49,13 +49,17 @@ class DisputeResult:
     reasoning: list[str]
     alpha: float
     notes: list[str] = field(default_factory=list)
+    #: One line: which claim came first, or why none can be named.
+    decision: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """Return the whole result as JSON-safe data."""
         return {
             "claims": self.claims,
             "matrix": self.matrix,
             "winner": self.winner,
             "winner_owner": None if self.winner is None else self.claims[self.winner]["owner"],
+            "decision": self.decision,
             "reasoning": self.reasoning,
             "alpha": self.alpha,
             "notes": self.notes,
@@ -81,6 +85,7 @@ def _claim_info(index: int, claim: Claim) -> dict[str, Any]:
         "problems": list(cred.problems),
         "trigger_source": None if trigger is None else trigger.get("source"),
         "architecture": doc.get("architecture"),
+        "sha256": cred.sha256,
     }
 
 
@@ -129,13 +134,26 @@ def _cell(report: VerificationReport, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _strongest(cell: dict[str, Any]) -> str:
-    """Return the strongest counted evidence of a cell, as text."""
+    """Return the counted evidence of a cell with its p-values, as text."""
     parts = []
     for e in cell["evidence"]:
         if e["name"] not in cell["precedence_evidence"]:
             continue
         parts.append(f"{e['name']} p = {e['p']}" if e["p"] is not None else f"{e['name']} valid")
     return ", ".join(parts) or "no evidence"
+
+
+def _absent(cell: dict[str, Any]) -> str:
+    """Return why a cell carries no counted mark: its evidence with p-values, as text."""
+    parts = []
+    for e in cell["evidence"]:
+        if e["p"] is not None:
+            parts.append(f"{e['name']} p = {e['p']}")
+        elif e["valid"] is not None:
+            parts.append(f"{e['name']} {'valid' if e['valid'] else 'invalid'}")
+    if cell["verified"] and not cell["precedence"]:
+        parts.append("verified only by evidence that does not count for precedence")
+    return ", ".join(parts) or "; ".join(cell["problems"]) or "no evidence read"
 
 
 def dispute(
@@ -152,27 +170,40 @@ def dispute(
     device = device or torch.device("cpu")
     if len(claims) < 2:
         raise ConfigError("a dispute needs at least two claims")
-    seen: dict[Path, int] = {}
-    for i, claim in enumerate(claims):
-        key = Path(claim.credential).resolve()
-        if key in seen:
-            raise ConfigError(
-                f"{claim.credential}: the same credential is given in claims {seen[key] + 1} and {i + 1}"
-            )
-        seen[key] = i
     infos = [_claim_info(i, c) for i, c in enumerate(claims)]
+    seen: dict[object, int] = {}
+    for i, (claim, info) in enumerate(zip(claims, infos, strict=True)):
+        # A copy of a credential file is the same claim as the file itself.
+        for key in (Path(claim.credential).resolve(), info["sha256"]):
+            if key in seen:
+                raise ConfigError(
+                    f"{claim.credential}: the same credential is given in claims "
+                    f"{seen[key] + 1} and {i + 1}"
+                )
+        seen[Path(claim.credential).resolve()] = seen[info["sha256"]] = i
     loaded = [load_checkpoint(c.model) for c in claims]
-    notes = []
+    notes = [
+        "owners and creation times are self-asserted: anyone can write any name and time into "
+        "their own credential, so neither decides precedence"
+    ]
     models = [Path(c.model).resolve() for c in claims]
-    if len(set(models)) < len(models):
-        notes.append("two claims name the same model file: its marks cannot order them")
+    for j, model in enumerate(models):
+        first = models.index(model)
+        if first < j:
+            notes.append(
+                f"claims {first + 1} and {j + 1} name the same model file: if it carries both "
+                "marks, they cannot be ordered"
+            )
+    suspects: dict[int, Any] = {}
     matrix: list[list[dict[str, Any]]] = []
     for i, claim in enumerate(claims):
         row = []
         for j in range(len(claims)):
             queried = None
             if blackbox and infos[i]["trigger_source"] is not None:
-                queried = _queried(loaded[j], infos[i], device)
+                if j not in suspects:
+                    suspects[j] = _queried(loaded[j], infos[i], device)
+                queried = suspects[j]
             report = verify(
                 loaded[j],
                 credential=claim.credential,
@@ -182,13 +213,13 @@ def dispute(
             )
             row.append(_cell(report, infos[i]))
         matrix.append(row)
-    winner, reasoning = _decide(infos, matrix)
-    return DisputeResult(infos, matrix, winner, reasoning, config.alpha, notes)
+    winner, reasoning, decision = _decide(infos, matrix)
+    return DisputeResult(infos, matrix, winner, reasoning, config.alpha, notes, decision)
 
 
 def _decide(
     infos: list[dict[str, Any]], matrix: list[list[dict[str, Any]]]
-) -> tuple[int | None, list[str]]:
+) -> tuple[int | None, list[str], str]:
     n = len(infos)
     name = [f"{c['label']} ({c['owner']})" for c in infos]
     marks = [[matrix[i][j]["precedence"] for j in range(n)] for i in range(n)]
@@ -196,19 +227,21 @@ def _decide(
     for i, info in enumerate(infos):
         if not info["valid"]:
             reasoning.append(
-                f"{name[i]}: the credential is invalid ({'; '.join(info['problems'])}); it cannot win"
+                f"{name[i]}: the credential is invalid ({'; '.join(info['problems'])}); "
+                "it cannot win"
             )
             continue
         if info["trigger_source"] not in (None, "generated"):
             reasoning.append(
                 f"{name[i]}: its trigger set is imported, so it could have been chosen after a "
-                "model was released (from inputs the model already labels consistently); "
-                "trigger evidence does not count for precedence"
+                "model was released (from inputs the model already labels consistently) and the "
+                "credential cannot prove when it was made; trigger evidence does not count for "
+                "precedence"
             )
         if not marks[i][i]:
             reasoning.append(
                 f"{name[i]}: its own model does not carry its mark by evidence that cannot be "
-                "made after the fact; it cannot win"
+                f"made after the fact ({_absent(matrix[i][i])}); it cannot win"
             )
     eligible = [i for i in range(n) if infos[i]["valid"] and marks[i][i]]
     originals = [
@@ -217,31 +250,46 @@ def _decide(
         if all(marks[i][j] for j in range(n) if j != i)
         and not any(marks[k][i] for k in range(n) if k != i)
     ]
-    if len(originals) == 1:
+    # Two originals cannot both qualify: each would need its mark in the other's model and none
+    # in its own, so `originals` holds at most one claim.
+    if originals:
         w = originals[0]
+        reasoning.append(f"{name[w]}'s own model carries its mark ({_strongest(matrix[w][w])})")
         for j in range(n):
             if j != w:
                 reasoning.append(
                     f"{name[w]}'s mark is in {name[j]}'s model ({_strongest(matrix[w][j])}): "
                     f"that model derives from {name[w]}'s"
                 )
+        for k in range(n):
+            if k != w:
+                reasoning.append(
+                    f"{name[k]}'s mark is not in {name[w]}'s model ({_absent(matrix[k][w])})"
+                )
         reasoning.append(
             f"no other claim's mark is in {name[w]}'s model: it carries only its owner's mark, "
             "so it is the original"
         )
-        return w, reasoning
+        return w, reasoning, f"{name[w]} came first"
     off = [(i, j) for i in range(n) for j in range(n) if i != j and marks[i][j]]
-    if not off:
-        reasoning.append(
-            "no claimed model carries another claim's mark: the models are independent, and "
-            "each claim stands for its own model only"
+    if not eligible:
+        short = "no claim's own model carries its mark"
+        why = f"{short} by evidence that decides precedence"
+    elif not off and len(eligible) == n:
+        short = "the models are independent"
+        why = (
+            f"no claimed model carries another claim's mark: {short}, and each claim stands "
+            "for its own model only"
         )
-    elif len(originals) > 1:
-        reasoning.append("several claims qualify as the original; the models do not order them")
+    elif not off:
+        short = "no claim that can win has its mark in another claimed model"
+        why = f"{short}; the others cannot win (see above)"
     else:
-        reasoning.append(
-            "the marks do not single out an original: "
+        short = "the marks do not single out an original"
+        why = (
+            f"{short}: "
             + "; ".join(f"{name[i]}'s mark is in {name[j]}'s model" for i, j in off)
             + " (each model may carry both marks, or the claims derive from a third model)"
         )
-    return None, reasoning
+    reasoning.append(why)
+    return None, reasoning, f"undecided — {short}"
