@@ -518,13 +518,7 @@ def run_cell(
     `attack` is the registered attack itself (None for the baseline), so attacks registered at
     run time reach worker processes too."""
     record: dict[str, Any] = {
-        "id": job["id"],
-        "attack": job["attack"],
-        "label": job["label"],
-        "kind": attack.kind if attack is not None else None,
-        "params": dict(job["params"]),
-        "grid": dict(job["grid"]),
-        "seed": job["seed"],
+        **_record_head(job, attack),
         "strength": attack.strength if attack is not None else None,
         "strength_value": (
             job["params"].get(attack.strength) if attack is not None and attack.strength else None
@@ -574,6 +568,11 @@ def run_cell(
 
 def _error_record(job: Mapping[str, Any], attack: Attack | None, message: str) -> dict[str, Any]:
     """Record a cell whose worker could not return a result (it died, or could not be sent)."""
+    return {**_record_head(job, attack), "error": message, "attack_succeeded": None}
+
+
+def _record_head(job: Mapping[str, Any], attack: Attack | None) -> dict[str, Any]:
+    """Return what every cell record starts with: which cell it is."""
     return {
         "id": job["id"],
         "attack": job["attack"],
@@ -582,8 +581,6 @@ def _error_record(job: Mapping[str, Any], attack: Attack | None, message: str) -
         "params": dict(job["params"]),
         "grid": dict(job["grid"]),
         "seed": job["seed"],
-        "error": message,
-        "attack_succeeded": None,
     }
 
 
