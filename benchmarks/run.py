@@ -13,6 +13,7 @@ BENCHMARKS = [
     "bench_blackbox",
     "bench_w3",
     "bench_attacks",
+    "bench_grind",
 ]
 
 

@@ -36,6 +36,9 @@ from ticketguard.tickets.ticket import load_ticket
 from ticketguard.verify.blackbox import ModelSuspect
 from ticketguard.verify.verification import verify
 
+#: Acceptance tests find and sign real tickets: they run in `make test-all` (CI), not `make test`.
+pytestmark = pytest.mark.slow
+
 SERVE_START_SECONDS = 120
 
 
@@ -227,7 +230,8 @@ def test_folder_trigger_set_loads_in_order_and_trains_in(
     )
     assert result.trigger_accuracy >= 0.95
     assert result.trigger_reached
-    # The signed model answers the imported set: verified black-box from the revealed secret.
+    # The signed model answers the imported set, read black-box from the revealed secret; but an
+    # imported set may have been chosen from a model's own answers, so it never decides.
     from ticketguard.signatures.signing import write_signed
 
     write_signed(result, tmp_path / "folder-signed.ticket")
@@ -237,7 +241,11 @@ def test_folder_trigger_set_loads_in_order_and_trains_in(
         reveal=tmp_path / "folder-signed.secret.json",
         blackbox=ModelSuspect(result.ticket.build_model(), "cpu", "folder-signed"),
     )
-    assert report.verified, report.verdict.reason
+    (evidence,) = report.evidences
+    assert evidence.name == "B1 triggers" and not evidence.judged
+    assert evidence.details["hits"] >= 38 and evidence.log10_p < -10
+    assert not report.verified and report.verdict.decisive == []
+    assert report.verdict.not_judged == ["B1 triggers"] and report.verdict.tests == 0
 
 
 # --- endpoints that fail -------------------------------------------------------------------------

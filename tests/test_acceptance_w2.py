@@ -21,6 +21,9 @@ from ticketguard.signatures.topology import ticket_structure
 from ticketguard.tickets.ticket import load_ticket
 from ticketguard.verify.verification import verify
 
+#: Acceptance tests find and sign real tickets: they run in `make test-all` (CI), not `make test`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory: pytest.TempPathFactory, owner_ticket: Path) -> dict[str, Path]:

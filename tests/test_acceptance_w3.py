@@ -21,6 +21,9 @@ from ticketguard.signatures.keys import OwnerKey, write_keypair
 from ticketguard.signatures.topology import ticket_structure
 from ticketguard.tickets.ticket import load_ticket
 
+#: Acceptance tests find and sign real tickets: they run in `make test-all` (CI), not `make test`.
+pytestmark = pytest.mark.slow
+
 OWNER = OwnerKey("alice@example.org", Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33))))
 TEXT = "alice@example.org 2026"
 

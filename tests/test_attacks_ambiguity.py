@@ -182,7 +182,7 @@ def test_key_search_counts_no_verified_keys_and_is_deterministic(owner):
     same = {k: v for k, v in a.details.items() if k != "seconds"}
     assert same == {k: v for k, v in b.details.items() if k != "seconds"}
     assert a.details["smallest_log10_p"] != c.details["smallest_log10_p"]
-    assert a.details["bound"] == pytest.approx(30e-6)
+    assert a.details["bound"] == pytest.approx(30 * 2.0**-128)  # tries x the 128-bit level
     assert -6 < a.details["smallest_log10_p"]["W2 bits"] < 0
     assert -6 < a.details["smallest_log10_p"]["B1 triggers"] <= 0
     assert a.details["bits"] == 1024 and a.details["most_bits_matched"] < 600
@@ -198,10 +198,14 @@ def test_key_search_decodes_only_within_reach_on_request(owner):
 
 
 def test_key_search_counts_chance_matches_at_a_loose_alpha(owner):
-    """A sanity check of the counter: alpha close to 1 makes chance matches "verify"."""
+    """A sanity check of the counter: under the plain alpha rule, alpha close to 1 makes chance
+    matches "verify"; at the default security level the same tries verify nothing."""
     stolen = load_ticket(owner["ticket"])
-    result = run_attack("key-search", stolen, {"tries": 20, "alpha": 0.5}, seed=0, context=CPU)
+    loose = {"tries": 20, "alpha": 0.5, "security_bits": 0}
+    result = run_attack("key-search", stolen, loose, seed=0, context=CPU)
     assert result.details["verified"] > 0
+    strict = run_attack("key-search", stolen, {**loose, "security_bits": 128}, seed=0, context=CPU)
+    assert strict.details["verified"] == 0
 
 
 # --- the attack command --------------------------------------------------------------------------

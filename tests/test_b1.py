@@ -288,11 +288,16 @@ def test_secret_files_over_the_cap_are_refused(tmp_path: Path, monkeypatch) -> N
 
 
 def test_a_suspect_that_answers_the_trigger_labels_is_verified(owner: dict) -> None:
+    from ticketguard.verify.verification import VerifyConfig
+
     triggers = owner["triggers"]
-    report = verify(None, credential=owner["cred"], key=_key(owner), blackbox=_oracle(triggers))
+    plain = VerifyConfig(security_bits=0)
+    report = verify(
+        None, credential=owner["cred"], key=_key(owner), blackbox=_oracle(triggers), config=plain
+    )
     assert report.verified, report.verdict.reason
     (evidence,) = report.evidences
-    assert evidence.name == "B1 triggers"
+    assert evidence.name == "B1 triggers" and evidence.judged
     p0 = triggers.max_label_frequency()
     assert evidence.details["hits"] == TRIGGERS
     assert evidence.details["null_hit_rate"] == p0
@@ -301,10 +306,21 @@ def test_a_suspect_that_answers_the_trigger_labels_is_verified(owner: dict) -> N
     assert report.blackbox["requests"] == 1
     # A judge with the revealed secret reaches the same verdict without the key.
     judged = verify(
-        None, credential=owner["cred"], reveal=owner["secret"], blackbox=_oracle(triggers)
+        None,
+        credential=owner["cred"],
+        reveal=owner["secret"],
+        blackbox=_oracle(triggers),
+        config=plain,
     )
     assert judged.verified
     assert judged.evidences[0].log10_p == evidence.log10_p
+    # At the default 128-bit security level a set of 20 triggers cannot decide even when every
+    # label matches: a claimant who retries seeds reaches such a p in far fewer than 2^128 tries.
+    secure = verify(None, credential=owner["cred"], key=_key(owner), blackbox=_oracle(triggers))
+    assert not secure.verified
+    assert evidence.work_log2 is not None and evidence.work_log2 < 128
+    assert f"(a forger reaches it in about {evidence.work_text})" in secure.verdict.reason
+    assert any("128-bit security level" in note for note in secure.notes)
 
 
 def test_a_constant_predictor_is_not_verified(owner: dict) -> None:
@@ -338,7 +354,7 @@ def test_batches_follow_the_batch_size(owner: dict) -> None:
         credential=owner["cred"],
         key=_key(owner),
         blackbox=CallableSuspect(counting, "counting"),
-        config=VerifyConfig(batch_size=6),
+        config=VerifyConfig(batch_size=6, security_bits=0),
     )
     assert seen == [6, 6, 6, 2]
     assert report.blackbox["requests"] == 4
@@ -352,9 +368,72 @@ def test_white_box_and_black_box_evidence_are_judged_together(owner: dict) -> No
     names = [e.name for e in report.evidences]
     assert names == ["W2 bits", "W2 payload", "B1 triggers"]
     assert report.verdict.tests == 2
-    assert report.verdict.threshold_log10 == pytest.approx(math.log10(1e-6 / 2))
+    assert report.verdict.threshold_log10 == pytest.approx(math.log10(2.0**-128 / 2))
     assert report.verified
     assert "W2 payload signature valid" in report.verdict.reason
+
+
+def test_an_imported_set_is_reported_but_never_decides(
+    owner: dict, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A folder set may have been picked from the suspect's own answers: reported, not judged."""
+    from PIL import Image
+
+    from ticketguard.verify.verification import IMPORTED_NOT_JUDGED, VerifyConfig
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "set" / "pics").mkdir(parents=True)
+    for i in range(30):
+        pixels = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)
+        Image.fromarray(pixels, "L").save(tmp_path / "set" / "pics" / f"{i:02d}.png")
+    (tmp_path / "set" / "labels.txt").write_text("\n".join(str(i % 10) for i in range(30)) + "\n")
+    out = tmp_path / "imported.ticket"
+    signed = _sign(
+        owner,
+        out,
+        "--trigger",
+        tmp_path / "set",
+        "--recover-epochs",
+        0,
+        "--trigger-epochs",
+        1,
+        "--device",
+        "cpu",
+    )
+    assert signed.exit_code == 0, signed.output
+    cred, secret = tmp_path / "imported.cred.json", tmp_path / "imported.secret.json"
+    triggers = TriggerSet.from_dict(read_secret_document(secret)["trigger_set"])
+    assert triggers.source == "folder"
+    for bits in (128, 0):  # not even the plain alpha rule lets it decide
+        report = verify(
+            None,
+            credential=cred,
+            reveal=secret,
+            blackbox=_oracle(triggers),
+            config=VerifyConfig(security_bits=bits),
+        )
+        (evidence,) = report.evidences
+        # Every label matches: p = 0.1^30, far below any threshold, and still not decisive.
+        assert evidence.log10_p == pytest.approx(-30.0)
+        assert not evidence.judged and evidence.not_judged_reason == IMPORTED_NOT_JUDGED
+        assert not report.verified, report.verdict.reason
+        assert report.verdict.tests == 0 and report.verdict.decisive == []
+        assert report.verdict.not_judged == ["B1 triggers"]
+        assert "B1 triggers p = 1.0e-30 is not judged (an imported trigger set" in (
+            report.verdict.reason
+        )
+    data = report.to_dict()["evidence"][0]
+    assert data["judged"] is False and data["p"] == "1.0e-30" and data["work"] == "2^100 tries"
+    # The human report shows it with its p-value, the forger's work and why it is not judged.
+    from ticketguard.cli.verify import _print_human
+
+    monkeypatch.setenv("COLUMNS", "400")
+    document = report.to_dict()
+    _print_human(document)
+    printed = capsys.readouterr().out
+    assert "1.0e-30 (not judged)" in printed and "2^100 tries" in printed
+    assert "not judged: an imported trigger set may have been chosen" in printed
+    assert document["notes"][-1].startswith("statistical evidence is judged at alpha/m")
 
 
 def test_a_tampered_revealed_set_is_a_problem_not_a_verdict(owner: dict, tmp_path: Path) -> None:
@@ -417,12 +496,30 @@ def test_cli_callable_suspect(owner: dict, tmp_path: Path, monkeypatch) -> None:
             "--key",
             owner["key"],
             "--json",
+            "--security-bits",
+            0,
         ]
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["blackbox"]["suspect"] == "suspect_module_b1:predict"
     assert report["evidence"][0]["details"]["hits"] == TRIGGERS
+    assert report["verdict"]["security_bits"] == 0 and report["verdict"]["rule"] == "p < alpha/m"
+    # The default security level: 20 matching triggers are within a grinder's reach (exit 1).
+    default = invoke(
+        [
+            "verify",
+            "suspect_module_b1:predict",
+            "--credential",
+            owner["cred"],
+            "--key",
+            owner["key"],
+            "--json",
+        ]
+    )
+    assert default.exit_code == 1, default.output
+    verdict = json.loads(default.output)["verdict"]
+    assert verdict["security_bits"] == 128 and not verdict["verified"]
 
 
 def test_cli_blackbox_on_a_model_file_reports_both(owner: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,8 @@ def test_cell_ids_follow_the_target_and_the_judging(tmp_path, target):
     ids = [c.id for c in expand(load_config(_config(tmp_path, target, SCALE)))]
     assert ids == [c.id for c in expand(load_config(_config(tmp_path, target, SCALE)))]
     assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
-    for change in ({"alpha": 1e-3}, {"reference": False}, {"blackbox": False}):
+    changes = ({"alpha": 1e-3}, {"security_bits": 64}, {"reference": False}, {"blackbox": False})
+    for change in changes:
         other = [c.id for c in expand(load_config(_config(tmp_path, target, SCALE, **change)))]
         assert set(other).isdisjoint(ids), change
     copy = tmp_path / "copy.cred.json"
@@ -202,6 +204,11 @@ BAD_CONFIGS = [
     (SCALE, {"max_drop": True}, "config key 'max_drop' must be a number, got True"),
     (SCALE, {"workers": 1.5}, "config key 'workers' must be an integer, got 1.5"),
     (SCALE, {"max_drop": 2.0}, "config key 'max_drop' must be in [0, 1], got 2.0"),
+    (SCALE, {"security_bits": 1.5}, "config key 'security_bits' must be an integer, got 1.5"),
+    (SCALE, {"security_bits": True}, "config key 'security_bits' must be an integer, got True"),
+    (SCALE, {"security_bits": "128"}, "config key 'security_bits' must be an integer, got '128'"),
+    (SCALE, {"security_bits": -1}, "config key 'security_bits' must be in 0..4096, got -1"),
+    (SCALE, {"security_bits": 4097}, "config key 'security_bits' must be in 0..4096, got 4097"),
     (SCALE, {"seeds": [0, -1]}, "config key 'seeds' must be a non-empty list of integers"),
     (SCALE, {"device": "tpu"}, "unknown device 'tpu'"),
     ('[[attack]]\nname = "melt"\n', {}, "unknown attack 'melt'; known: finetune"),
@@ -284,6 +291,7 @@ def test_target_paths_are_relative_to_the_config(tmp_path, target):
     config = load_config(path)
     assert config.ticket.resolve() == (tmp_path / "signed.ticket").resolve()
     assert config.name == "b" and config.null_samples == 20 and config.workers == 1
+    assert config.security_bits == 128 and config.to_dict()["security_bits"] == 128
 
 
 def test_run_records_every_cell_resumes_and_reruns_with_fresh(tmp_path, target):
@@ -406,7 +414,7 @@ def test_outputs_are_written_and_escape_labels(tmp_path, target):
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "| scale <b>&</b> \\| co | factor=0.0 | 0 |" in md
     assert "## Where the evidence was lost" in md and "![" in md and "(plots.png)" in md
-    lost = md.split("## Where the evidence was lost")[1]
+    lost = md.split("## Where the evidence was lost")[1].split("\n## ")[0]
     assert "factor=0.0, seed 0): NOT verified, lost W2 bits" in lost
     assert "the attack fails" in lost and "factor=1.0" not in lost
     assert "the unattacked target: accuracy" in md
@@ -422,3 +430,116 @@ def test_two_workers_give_the_same_cells_as_one(tmp_path, target):
     assert [{k: c[k] for k in keys} for c in one] == [{k: c[k] for k in keys} for c in two]
     assert all(c["error"] is None for c in two)
     assert torch.tensor([c["accuracy_after"] for c in one]).isfinite().all()
+
+
+# --- the security level and cells that leave the mask unchanged ----------------------------------
+
+
+def test_security_bits_reach_every_verification_and_the_report(tmp_path, target):
+    from ticketguard.verify.stats import security_threshold_log10
+
+    body = SCALE + '[[attack]]\nname = "test-claim"\n'
+    secure = run_bench(load_config(_config(tmp_path, target, body)), tmp_path / "secure")
+    kept, erased, claim = secure.cells
+    for record in (secure.baseline, kept, erased):
+        assert record["security_bits"] == 128
+        assert record["threshold_log10"] == pytest.approx(
+            security_threshold_log10(128, record["tests"])
+        )
+    assert claim["security_bits"] == 128 and claim["winner"] == "owner"
+    assert all("work_log2" in e and "judged" in e for e in kept["evidence"])
+    md = (tmp_path / "secure" / "report.md").read_text(encoding="utf-8")
+    assert "statistical evidence decides at p <= 2^-128/m (the 128-bit security level" in md
+    assert "alpha = 1e-06 applies only to a claim proven to predate the suspect" in md
+    plain = run_bench(
+        load_config(_config(tmp_path, target, SCALE, security_bits=0)), tmp_path / "p"
+    )
+    assert plain.baseline["security_bits"] == 0
+    assert plain.baseline["threshold_log10"] == pytest.approx(
+        math.log10(1e-6 / plain.baseline["tests"])
+    )
+    assert {c["id"] for c in plain.cells}.isdisjoint(c["id"] for c in secure.cells)
+    md = (tmp_path / "p" / "report.md").read_text(encoding="utf-8")
+    assert "alpha = 1e-06 (Bonferroni" in md and "security level off" in md
+    # An attack that judges claims itself (key-search) gets the config's levels too.
+    body = '[[attack]]\nname = "key-search"\n'
+    (search,) = expand(load_config(_config(tmp_path, target, body, security_bits=64)))
+    assert search.params["security_bits"] == 64 and search.params["alpha"] == 1e-6
+
+
+def test_mask_unchanged_is_recorded_and_reported(tmp_path, target):
+    out = tmp_path / "out"
+    result = run_bench(load_config(_config(tmp_path, target, SCALE)), out)
+    kept, erased = result.cells
+    # Scaling by 1 keeps every weight; scaling by 0 removes them all.
+    assert kept["mask_unchanged"] is True and erased["mask_unchanged"] is False
+    assert "mask_unchanged" not in result.baseline
+    md = (out / "report.md").read_text(encoding="utf-8")
+    rows = [line for line in md.splitlines() if line.startswith("| scale")]
+    assert rows[0].endswith("| mask unchanged: W2 cannot be affected |")
+    assert not rows[1].endswith("mask unchanged: W2 cannot be affected |")
+    section = md.split("## Mask unchanged")[1].split("\n## ")[0]
+    assert "(factor=1.0, seed 0): mask unchanged: W2 cannot be affected" in section
+    assert "factor=0.0" not in section
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Mask unchanged</h2>" in html and "<th>notes</th>" in html
+    with (out / "results.csv").open(newline="", encoding="utf-8") as f:
+        assert [r["mask_unchanged"] for r in csv.DictReader(f)] == ["True", "False"]
+
+
+def _digits(ticket):
+    ticket.metadata.update(
+        {"dataset": {"name": "digits", "split_seed": 0}, "input_shape": [1, 8, 8]}
+    )
+    return ticket
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "unchanged"),
+    [
+        ("noise", {"sigma": 0.3, "scope": "surviving"}, True),
+        ("noise", {"sigma": 0.3, "scope": "all"}, False),
+        ("quantize", {"bits": 16}, True),
+        ("prune", {"rate": 0.2}, False),
+        ("regrow", {"fraction": 0.05}, False),
+        ("finetune", {"mode": "masked", "epochs": 1}, True),
+        ("finetune", {"mode": "dense", "epochs": 1}, False),
+        ("permute", {}, False),
+    ],
+)
+def test_mask_unchanged_follows_the_kept_mask(make_ticket, name, params, unchanged):
+    from ticketguard.attacks.base import AttackContext, run_attack
+    from ticketguard.attacks.bench import mask_unchanged
+
+    ticket = _digits(make_ticket(width=8, keep=0.3, seed=0))
+    context = AttackContext(device=resolve_device("cpu"))
+    attacked = run_attack(name, ticket, params, seed=0, context=context).ticket
+    assert mask_unchanged(ticket, attacked) is unchanged
+    assert mask_unchanged(ticket, ticket)
+
+
+def test_mask_unchanged_compares_kept_entries_only(make_ticket):
+    from ticketguard.attacks.bench import mask_unchanged
+    from ticketguard.tickets.mask import Mask
+    from ticketguard.tickets.ticket import Ticket
+
+    ticket = make_ticket(width=4, keep=0.5, seed=0)
+    name = next(iter(ticket.mask))
+    # A weight the target's mask keeps but that is exactly zero is not kept: zeroing one more
+    # entry changes the kept mask, and an explicit mask that hides an entry changes it too.
+    state = dict(ticket.trained)
+    flat = state[name].reshape(-1).clone()
+    flat[int(ticket.mask[name].reshape(-1).nonzero()[0])] = 0.0
+    state[name] = flat.view(state[name].shape)
+    assert not mask_unchanged(ticket, Ticket(Mask(dict(ticket.mask)), state, {}, ticket.metadata))
+    hidden = {n: m.clone() for n, m in ticket.mask.items()}
+    hidden[name].reshape(-1)[int(hidden[name].reshape(-1).nonzero()[0])] = False
+    trained = {k: v.clone() for k, v in ticket.trained.items()}
+    trained[name] = trained[name] * hidden[name]
+    assert not mask_unchanged(ticket, Ticket(Mask(hidden), trained, {}, ticket.metadata))
+    # Weights outside the masked layers do not matter.
+    moved = {
+        k: v + 1.0 if k not in ticket.mask and v.is_floating_point() else v
+        for k, v in ticket.trained.items()
+    }
+    assert mask_unchanged(ticket, Ticket(Mask(dict(ticket.mask)), moved, {}, ticket.metadata))

@@ -92,6 +92,31 @@ def test_python_dash_m_help(tmp_path):
 # --- errors --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", ["verify", "dispute"])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-1", "-1 is not in the range 0<=x<=4096."),
+        ("4097", "4097 is not in the range 0<=x<=4096."),
+        ("1.5", "'1.5' is not a valid integer range."),
+        ("many", "'many' is not a valid integer range."),
+    ],
+)
+def test_bad_security_bits_is_a_one_line_error(tmp_path, command, value, message):
+    # verify takes a SUSPECT argument, dispute only options; the option is checked first.
+    args = [command, tmp_path / "suspect.pt"] if command == "verify" else [command]
+    result = invoke([*args, "--security-bits", value])
+    assert error_line(result, 2) == f"Error: Invalid value for '--security-bits': {message}"
+
+
+@pytest.mark.parametrize("command", ["verify", "dispute"])
+def test_security_bits_and_alpha_are_explained_in_help(command):
+    text = " ".join(invoke([command, "--help"]).output.split())
+    assert "--security-bits INTEGER RANGE" in text and "[default: 128; 0<=x<=4096]" in text
+    assert "0 restores the plain alpha rule" in text
+    assert "applies only with --security-bits 0" in text
+
+
 def test_inspect_missing_file(tmp_path):
     path = tmp_path / "absent.ticket"
     line = error_line(invoke(["inspect", path]), 2)

@@ -157,9 +157,17 @@ def test_a_fake_trigger_claim_is_labelled_by_the_model_and_loses(alice, tmp_path
     assert decided.claims[1]["trigger_source"] == "folder"
     assert decided.winner == 0
     in_alice = decided.matrix[1][0]
-    assert in_alice["verified"] and not in_alice["precedence"]
-    assert in_alice["decisive"] == ["B1 triggers"]
+    # The fake set answers on Alice's model, yet an imported set is reported, never judged.
+    (b1,) = [e for e in in_alice["evidence"] if e["name"] == "B1 triggers"]
+    assert b1["judged"] is False and b1["log10_p"] < -10
+    assert not in_alice["verified"] and not in_alice["precedence"]
+    assert in_alice["decisive"] == []
     assert any("imported" in line and "does not count" in line for line in decided.reasoning)
+    assert any(
+        "B1 triggers p = " in line
+        and "in claim 1 (alice@example.org)'s model does not count: an imported trigger set" in line
+        for line in decided.reasoning
+    )
     # Alice's mark is in the fake claim's model; Mallory's W2 is only in her own.
     assert decided.matrix[0][1]["precedence"] and decided.matrix[1][1]["precedence"]
 
@@ -193,6 +201,74 @@ def test_claims_on_one_model_file(alice, mallory):
     assert not wrong.matrix[1][1]["verified"]
 
 
+# --- a claim ground to a chance match ------------------------------------------------------------
+
+
+def _info(index: int, owner: str) -> dict:
+    return {
+        "index": index,
+        "label": f"claim {index + 1}",
+        "owner": owner,
+        "valid": True,
+        "problems": [],
+        "trigger_source": None,
+    }
+
+
+def _marks(w2_log10_p: float, signed: bool, security_bits: int) -> dict:
+    """A dispute cell from synthetic W2 evidence judged as `verify` judges it."""
+    from ticketguard.verify.dispute import _cell
+    from ticketguard.verify.stats import Evidence, judge
+    from ticketguard.verify.verification import VerificationReport
+
+    evidences = [
+        Evidence("W2 bits", "statistical", "bits", w2_log10_p, null="Binomial(n, 1/2)"),
+        Evidence("W2 payload", "cryptographic", "payload", valid=signed),
+    ]
+    verdict = judge(evidences, 1e-6, security_bits)
+    return _cell(VerificationReport({}, evidences, verdict), _info(0, "x"))
+
+
+@pytest.mark.parametrize("security_bits", [128, 0])
+def test_a_claim_ground_to_a_chance_match_does_not_undo_a_decision(security_bits: int) -> None:
+    """Mallory retried seeds until her W2 bits matched Alice's model at p = 3.2e-8.
+
+    About 2^25 tries get there. The old alpha rule counts it (3.2e-8 < 1e-6 / 1), and the marks
+    then run both ways: undecided. At the security level it does not count: Alice came first.
+    """
+    from ticketguard.verify.dispute import _decide
+
+    infos = [_info(0, "alice@example.org"), _info(1, "mallory@example.org")]
+    strong = -290.0
+    matrix = [
+        [_marks(strong, True, security_bits), _marks(strong, True, security_bits)],
+        [_marks(-7.49485, False, security_bits), _marks(strong, True, security_bits)],
+    ]
+    ground = matrix[1][0]
+    assert ground["evidence"][0]["p"] == "3.2e-08" and ground["evidence"][0]["work"] == "2^25 tries"
+    winner, reasoning, decision = _decide(infos, matrix)
+    if security_bits == 0:
+        assert ground["precedence"] and ground["decisive"] == ["W2 bits"]
+        assert winner is None
+        assert decision == "undecided — the marks do not single out an original"
+        return
+    assert not ground["verified"] and not ground["precedence"] and ground["decisive"] == []
+    assert winner == 0 and decision == "claim 1 (alice@example.org) came first"
+    assert (
+        "claim 2 (mallory@example.org)'s mark is not in claim 1 (alice@example.org)'s model: "
+        "claim 2 (mallory@example.org)'s W2 bits p = 3.2e-08 in claim 1 (alice@example.org)'s "
+        "model does not count: above the 128-bit security level 2^-128/m = 2.9e-39 (m=1); a "
+        "claimant who can retry reaches it in about 2^25 tries; claim 2 (mallory@example.org)'s "
+        "W2 payload in claim 1 (alice@example.org)'s model: invalid"
+    ) in reasoning
+    # What counted is named with its rule: W2 bits within the level, the signature on its own.
+    assert (
+        "claim 1 (alice@example.org)'s own model carries its mark (W2 bits p = 1.0e-290, within "
+        "the 128-bit security level 2^-128/m = 2.9e-39 (m=1), W2 payload valid (a signature: it "
+        "cannot be ground))"
+    ) in reasoning
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 
@@ -209,10 +285,17 @@ def test_dispute_command_decides_and_writes_json(alice, mallory, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Decision: claim 1 (alice@example.org) came first" in result.output
     assert "self-asserted" in result.output and "not verified" in result.output
+    assert "statistical evidence counts at p <= 2^-128/m" in result.output
     data = json.loads(report.read_text())
     assert data["winner"] == 0 and data["winner_owner"] == "alice@example.org"
     assert len(data["matrix"]) == 2 and len(data["matrix"][0]) == 2
+    assert data["security_bits"] == 128 and data["matrix"][0][1]["security_bits"] == 128
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dispute.json"]
+    plain = invoke(_args(alice, mallory) + ["--security-bits", 0, "--json", report])
+    assert plain.exit_code == 0, plain.output
+    assert "statistical evidence counts at p < alpha/m (alpha = 1e-06)" in plain.output
+    data = json.loads(report.read_text())
+    assert data["security_bits"] == 0 and data["matrix"][0][1]["security_bits"] == 0
 
 
 def test_dispute_command_exits_1_when_undecided(make_ticket, alice, tmp_path):

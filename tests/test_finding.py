@@ -168,6 +168,7 @@ def test_config_round_trips_through_its_dict() -> None:
     assert config.config_hash != FindConfig().config_hash
 
 
+@pytest.mark.slow
 def test_acceptance_digits_ticket_at_89_percent_sparsity_keeps_accuracy(tmp_path) -> None:
     result = find_ticket(FindConfig(rounds=10), tmp_path / "accept", device="cpu")
     acc = result.ticket.metadata["accuracy"]

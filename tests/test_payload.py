@@ -15,6 +15,7 @@ from ticketguard.signatures.payload import (
     EccParams,
     codeword_bits,
     decode_bits,
+    decode_soft,
     embedded_bits,
     keyed_bytes,
     keyed_generator,
@@ -435,3 +436,73 @@ def test_keyed_sample_is_uniform_enough_and_handles_huge_populations() -> None:
         KeyedStream(ZERO_SEED, "x").sample(5, 6)
     with pytest.raises(ConfigError):
         KeyedStream(ZERO_SEED, "x").uniform(0)
+
+
+# --- soft decoding (generalised minimum distance) ------------------------------------------------
+
+
+def _wrong_bytes_with_reliabilities(wrong: int, seed: int = 0):
+    """A codeword with `wrong` bytes changed; those bytes are the least reliable ones."""
+    rng = np.random.default_rng(seed)
+    payload = random_payload(rng)
+    bits = codeword_bits(payload, ECC)
+    positions = rng.choice(64 + ECC.nsym, size=wrong, replace=False)
+    corrupt_bytes(bits, positions, rng)
+    reliability = rng.uniform(1.0, 2.0, size=bits.size)
+    reliability.reshape(-1, 8)[positions] = rng.uniform(0.0, 0.5, size=(wrong, 8))
+    return payload, bits, reliability
+
+
+def test_soft_decoding_corrects_errors_beyond_hard_decoding() -> None:
+    """40 wrong bytes are past the 32 a hard decode corrects; erasing the 40 least reliable
+    bytes (40 <= nsym erasures) recovers the payload."""
+    payload, bits, reliability = _wrong_bytes_with_reliabilities(40)
+    assert decode_bits(bits, ECC) is None
+
+    def right(found: bytes) -> bool:
+        return found == payload
+
+    assert decode_soft(bits, ECC, reliability, accept=right) == payload
+    seed = b"\x05" * 32
+    read = whiten(bits, seed)
+    assert recover_payload(read, seed, ECC, reliability=reliability, accept=right) == payload
+    with pytest.raises(EmbeddingError, match="needs a check"):
+        recover_payload(read, seed, ECC, reliability=reliability)
+
+
+def test_soft_decoding_keeps_trying_until_accepted_and_gives_up_cleanly() -> None:
+    payload, bits, reliability = _wrong_bytes_with_reliabilities(10)
+    seen: list[bytes] = []
+
+    def never(found: bytes) -> bool:
+        seen.append(found)
+        return False
+
+    assert decode_soft(bits, ECC, reliability, accept=never) is None
+    assert seen and all(found == payload for found in seen)
+    assert decode_soft(bits, ECC, reliability, accept=lambda found: found == payload) == payload
+    # 70 wrong bytes are beyond even nsym = 64 erasures. Erasing 64 of them, the other 64
+    # bytes fit *some* codeword: an unchecked decode would return garbage, hence `accept`.
+    truth, far, rel = _wrong_bytes_with_reliabilities(70)
+    garbage: list[bytes] = []
+    assert decode_soft(far, ECC, rel, accept=lambda f: garbage.append(f) or False) is None
+    assert garbage and truth not in garbage
+
+
+def test_soft_decoding_counts_given_erasures_first() -> None:
+    payload, bits, reliability = _wrong_bytes_with_reliabilities(20, seed=3)
+    erased = np.zeros(bits.size, dtype=bool)
+    clean = np.flatnonzero(reliability.reshape(-1, 8).min(axis=1) >= 1.0)
+    erased.reshape(-1, 8)[clean[:40], 0] = True  # 40 more erased bytes: 60 in all, still <= 64
+    right = payload.__eq__
+    assert decode_soft(bits, ECC, reliability, erasures=erased, accept=right) == payload
+    erased.reshape(-1, 8)[clean[40:50], 0] = True  # 70 erasures: beyond the code
+    assert decode_soft(bits, ECC, reliability, erasures=erased, accept=right) is None
+
+
+def test_soft_decoding_refuses_mismatched_shapes() -> None:
+    bits = codeword_bits(b"\x01" * 64, ECC)
+    with pytest.raises(EmbeddingError, match="reliabilities"):
+        decode_soft(bits, ECC, np.ones(bits.size - 1), accept=bool)
+    with pytest.raises(EmbeddingError, match="erasures must have shape"):
+        decode_soft(bits, ECC, np.ones(bits.size), erasures=np.zeros(3, dtype=bool), accept=bool)

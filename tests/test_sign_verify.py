@@ -27,7 +27,6 @@ from ticketguard.signatures.signing import SignConfig, embed_signature, sign_tic
 from ticketguard.signatures.structure import structure_of
 from ticketguard.signatures.thinning import remove_paths
 from ticketguard.signatures.topology import channel_connectivity
-from ticketguard.signatures.w2 import read_bits
 from ticketguard.tickets.loading import load_checkpoint
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.models import build_model, default_pruned_parameters
@@ -41,7 +40,7 @@ from ticketguard.verify.recovery import (
     recover_mask,
     top_magnitude,
 )
-from ticketguard.verify.verification import VerifyConfig, verify
+from ticketguard.verify.verification import VerifyConfig, rule_note, verify
 
 WIDE = {"architecture": {"name": "digits_cnn", "kwargs": {"width": 32}}, "num_classes": 10}
 NO_TRAINING = ["--recover-epochs", "0", "--device", "cpu"]
@@ -127,7 +126,10 @@ def owner(make_ticket, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_sign_writes_a_signed_ticket_with_unchanged_counts(owner: dict) -> None:
     out = owner["output"]
-    assert "embedded 1024 bits (conv2.weight 81, conv3.weight 163, fc1.weight 780)" in out
+    assert (
+        "embedded 1024 bits x 8 positions (conv2.weight 54, conv3.weight 108, fc1.weight 862)"
+        in out
+    )
     assert "weight counts unchanged" in out
     assert "accuracy on digits:" in out and "before signing" in out
     parent, signed = load_ticket(owner["parent"]), load_ticket(owner["signed"])
@@ -204,7 +206,7 @@ def test_sign_writes_nothing_when_layers_are_too_small(owner: dict, tmp_path: Pa
         ]
     )
     line = error_line(result, 1)
-    assert "can hold 512 bits, the signature needs 1024" in line
+    assert "can hold 256 bits at 2 mask positions per bit, the signature needs 1024" in line
     assert list(tmp_path.iterdir()) == []
 
 
@@ -256,20 +258,34 @@ def test_sign_ticket_library(make_ticket) -> None:
     # The mask embedded is the signed ticket's mask; its bits read back in full.
     from ticketguard.signatures.credential import payload_of
 
-    mask, bits = embed_signature(ticket, payload_of(result.credential), result.seed, result.params)
-    assert mask == signed.mask
-    from ticketguard.signatures.w2 import keyed_positions
+    written = embed_signature(ticket, payload_of(result.credential), result.seed, result.params)
+    assert written.mask == signed.mask
+    from ticketguard.signatures.payload import embedded_bits
+    from ticketguard.signatures.w2 import keyed_positions, observed_magnitudes, read_groups
 
-    read, readable = read_bits(
-        signed.mask, result.params, keyed_positions(result.seed, result.params)
+    positions = keyed_positions(result.seed, result.params)
+    reading = read_groups(
+        observed_magnitudes(signed.trained, signed.mask, LAYERS), result.params, positions
     )
-    assert readable.all()
-    np.testing.assert_array_equal(read, bits)
-    # Entries the new mask switched on restart from the rewind weights, not from zero.
-    revived = {n: signed.mask[n] & ~ticket.mask[n] for n in LAYERS}
+    assert not reading.erased.any()
+    expected = embedded_bits(payload_of(result.credential), result.seed, result.params.ecc)
+    np.testing.assert_array_equal(reading.bits, expected)
+    # Entries the new mask switched on restart from the rewind weights, not from zero; the
+    # carriers among them are raised (sign kept) to the 0.75 quantile of their layer's
+    # magnitudes before signing, and every carrier keeps at least that.
     for n in LAYERS:
-        assert revived[n].any()
-        torch.testing.assert_close(signed.trained[n][revived[n]], ticket.rewind[n][revived[n]])
+        carriers = written.carriers[n]
+        level = torch.quantile(ticket.trained[n][ticket.mask[n]].abs().float(), 0.75)
+        floor = torch.zeros(ticket.trained[n].numel())
+        floor[carriers] = level
+        assert (signed.trained[n].reshape(-1)[carriers].abs() >= level * (1 - 1e-6)).all()
+        revived = (signed.mask[n] & ~ticket.mask[n]).reshape(-1)
+        assert revived.any()
+        rewind = ticket.rewind[n].reshape(-1)
+        torch.testing.assert_close(
+            signed.trained[n].reshape(-1)[revived],
+            torch.where(rewind.abs() < floor, torch.copysign(floor, rewind), rewind)[revived],
+        )
         assert not signed.trained[n][~signed.mask[n]].any()
 
 
@@ -303,7 +319,14 @@ def test_verify_with_the_key(owner: dict) -> None:
     assert code == 0
     bits = _evidence(report, "W2 bits")
     assert bits["log10_p"] < -30
-    assert bits["details"] == {"matched": 1024, "bits": 1024, "unreadable": 0}
+    # 4 of the 1024 codeword bits are the same in every Ed25519 signature: not counted.
+    assert bits["details"] == {
+        "matched": 1020,
+        "bits": 1020,
+        "erased": 0,
+        "repetition": 8,
+        "missing_layers": [],
+    }
     assert bits["null"].startswith("Binomial(n, 1/2)")
     payload = _evidence(report, "W2 payload")
     assert payload["valid"] is True
@@ -319,7 +342,7 @@ def test_verify_with_the_key(owner: dict) -> None:
         ["verify", owner["signed"], "--credential", owner["cred"], "--key", owner["key"]]
     )
     assert result.exit_code == 0, result.output
-    assert "1024/1024 embedded bits match" in result.output
+    assert "1020/1020 read bits match (0 of 1024 erased; 8 replicas per bit)" in result.output
     assert "alice@example.org's valid Ed25519 signature" in result.output
     assert "verified: W2 bits p = " in result.output
 
@@ -382,7 +405,10 @@ def test_a_tampered_credential_discredits_even_strong_topology_evidence(
             owner["key"],
             "--reference",
             owner["signed"],
-            *FAST_W1,
+            # Two null masks can tie (their spread is a few dozen shared entries), leaving z
+            # undefined; six cannot all tie.
+            "--null-samples",
+            "6",
         ]
     )
     assert code == 1
@@ -410,9 +436,10 @@ def test_a_reference_other_than_the_credentials_ticket_is_a_note(owner: dict) ->
     assert code == 0
     assert report["problems"] == []
     assert report["notes"] == [
-        "the reference ticket is not the ticket this credential was issued for"
+        "the reference ticket is not the ticket this credential was issued for",
+        rule_note(VerifyConfig()),
     ]
-    assert _evidence(report, "W2 bits")["details"]["matched"] == 1024
+    assert _evidence(report, "W2 bits")["details"]["matched"] == 1020
     assert _evidence(report, "W2 payload")["valid"] is True
 
 
@@ -461,7 +488,7 @@ def test_a_channel_permuted_copy_verifies_only_with_the_reference(
     code, report = verify_json([suspect, *cred, "--reference", owner["signed"], *FAST_W1])
     assert code == 0
     assert report["alignment"]["moved_channels"] > 0
-    assert _evidence(report, "W2 bits")["details"]["matched"] == 1024
+    assert _evidence(report, "W2 bits")["details"]["matched"] == 1020
     assert _evidence(report, "W2 payload")["valid"] is True
     w1 = _evidence(report, "W1 topology")
     assert w1["details"]["score"] == pytest.approx(1.0)
@@ -541,11 +568,21 @@ def test_w1_decides_only_against_independent_tickets(
     assert alone.evidences[0].log10_p is None
     assert alone.verdict.tests == 0
     assert "cannot tell tickets found from the same initialisation apart" in alone.evidences[0].null
-    config = VerifyConfig(null_samples=3)
+    # Four null tickets decide at alpha (a claim proven to predate the suspect)...
+    config = VerifyConfig(null_samples=3, security_bits=0)
     decided = api.verify(stolen, reference=owner["signed"], null_tickets=nulls, config=config)
     assert decided.verified, decided.verdict.reason
     assert "4 independently found tickets" in decided.evidences[0].null
     assert "Student-t" in decided.evidences[0].null
+    # ...but a Student-t bound with 3 degrees of freedom cannot reach 2^-128: the reference is
+    # the claimant's own file, so W1 alone does not stand against a claimant who can retry.
+    secure = api.verify(
+        stolen, reference=owner["signed"], null_tickets=nulls, config=VerifyConfig(null_samples=3)
+    )
+    assert not secure.verified
+    assert secure.evidences[0].log10_p == decided.evidences[0].log10_p
+    assert secure.evidences[0].log10_p > secure.verdict.threshold_log10
+    assert "a forger reaches it in about 2^" in secure.verdict.reason
     other = tmp_path / "other.ticket"
     _owner_ticket(make_ticket, seed=30).save(other)
     unrelated = api.verify(other, reference=owner["signed"], null_tickets=nulls, config=config)
@@ -579,7 +616,8 @@ def test_verify_json_report_shape(owner: dict) -> None:
     for e in report["evidence"]:
         assert set(e) >= {"name", "kind", "summary", "log10_p", "p", "null", "valid"}
     assert report["verdict"]["tests"] == 1  # the W2 bits; W1 against random masks is not judged
-    assert report["verdict"]["threshold_log10"] == pytest.approx(np.log10(1e-6))
+    assert report["verdict"]["threshold_log10"] == pytest.approx(-128 * np.log10(2))
+    assert report["verdict"]["security_bits"] == 128
     w1 = report["w1"]
     assert w1["score"] == pytest.approx(1.0)
     assert w1["nulls"][0]["samples"] == 2
@@ -647,6 +685,12 @@ def test_verify_library_refuses_incomplete_requests(owner: dict) -> None:
         VerifyConfig(alpha=0)
     with pytest.raises(ConfigError, match="at least 2"):
         VerifyConfig(null_samples=1)
+    for bits in (-1, 4097, True, 1.5, "128"):
+        with pytest.raises(ConfigError, match="security_bits"):
+            VerifyConfig(security_bits=bits)  # type: ignore[arg-type]
+    assert VerifyConfig().security_bits == 128
+    assert VerifyConfig(security_bits=0).security_bits == 0
+    assert VerifyConfig(security_bits=4096).security_bits == 4096
 
 
 def test_verify_survives_a_credential_with_absurd_layer_shapes(owner: dict, tmp_path: Path) -> None:
@@ -955,7 +999,7 @@ def test_an_all_ones_explicit_mask_does_not_hide_the_signature(owner: dict, tmp_
     report = verify(
         tmp_path / "int8.pth", credential=owner["cred"], key=read_private_key(owner["key"])
     )
-    assert next(e for e in report.evidences if e.name == "W2 bits").details["unreadable"] == 0
+    assert next(e for e in report.evidences if e.name == "W2 bits").details["erased"] == 0
     assert report.verified, report.verdict.reason
 
 
@@ -996,7 +1040,7 @@ def test_signing_leaves_no_kept_weight_at_exactly_zero(make_ticket, tmp_path: Pa
     write_credential(cred, result.credential)
     report = verify(plain, credential=cred, key=key)
     assert report.verified
-    assert next(e for e in report.evidences if e.name == "W2 bits").details["matched"] == 1024
+    assert next(e for e in report.evidences if e.name == "W2 bits").details["matched"] == 1020
 
 
 def test_top_magnitude_recovery_stays_inside_the_explicit_mask(owner: dict) -> None:

@@ -17,6 +17,7 @@ from ticketguard.verify.stats import (
     binomial_log10_tail,
     empirical_p,
     format_p,
+    format_work,
     judge,
     normal_log10_tail,
 )
@@ -257,23 +258,26 @@ def test_evidence_rejects_inconsistent_fields(kwargs: dict) -> None:
         Evidence(**{**base, **kwargs})
 
 
-# --- judge --------------------------------------------------------------------------------------
+# --- judge: the plain alpha rule (security_bits=0) ------------------------------------------------
 
 
 def test_judge_bonferroni_threshold_with_two_tests() -> None:
-    verdict = judge([_stat("W1 overlap", -2.0), _stat("W2 bits", -300.9)], alpha=1e-6)
+    verdict = judge(
+        [_stat("W1 overlap", -2.0), _stat("W2 bits", -300.9)], alpha=1e-6, security_bits=0
+    )
     assert verdict.tests == 2
     assert verdict.threshold_log10 == pytest.approx(math.log10(5e-7), abs=1e-12)
     assert verdict.verified
     assert verdict.decisive == ["W2 bits"]
     assert verdict.reason == "verified: W2 bits p = 10^-300.9 < alpha/m = 5e-07 (m=2)"
+    assert verdict.security_bits == 0 and verdict.rule == "p < alpha/m"
 
 
 def test_judge_correction_depends_on_m() -> None:
     ev = _stat("B1 triggers", -6.5)
-    assert judge([ev]).verified
+    assert judge([ev], security_bits=0).verified
     others = [_stat(f"null {i}", -0.1) for i in range(9)]
-    verdict = judge([ev, *others])
+    verdict = judge([ev, *others], security_bits=0)
     assert verdict.tests == 10
     assert verdict.threshold_log10 == pytest.approx(-7.0)
     assert not verdict.verified
@@ -281,11 +285,75 @@ def test_judge_correction_depends_on_m() -> None:
 
 
 def test_judge_threshold_is_strict() -> None:
-    at = judge([_stat("a", math.log10(1e-6))])
+    at = judge([_stat("a", math.log10(1e-6))], security_bits=0)
     assert at.threshold_log10 == math.log10(1e-6)
     assert not at.verified
-    below = judge([_stat("a", math.nextafter(math.log10(1e-6), -math.inf))])
+    below = judge([_stat("a", math.nextafter(math.log10(1e-6), -math.inf))], security_bits=0)
     assert below.verified
+
+
+def test_security_bits_zero_falls_back_to_alpha() -> None:
+    """A p of 1e-8 is significant at alpha = 1e-6 but some 2^27 tries away from a forgery."""
+    weak = [_stat("W2 bits", -8.0)]
+    old = judge(weak, alpha=1e-6, security_bits=0)
+    assert old.verified and old.threshold_log10 == -6.0
+    assert old.reason == "verified: W2 bits p = 1.0e-08 < alpha/m = 1e-06 (m=1)"
+    new = judge(weak, alpha=1e-6)
+    assert not new.verified and new.decisive == []
+    assert new.threshold_log10 == pytest.approx(-128 * math.log10(2), abs=1e-12)
+    assert new.reason == (
+        "not verified: no evidence at or below 2^-128/m = 2.9e-39 (m=1), smallest W2 bits "
+        "p = 1.0e-08 (a forger reaches it in about 2^27 tries); no cryptographic evidence"
+    )
+    # alpha still sets the plain rule's threshold, and only that.
+    assert judge(weak, alpha=1e-9, security_bits=0).threshold_log10 == pytest.approx(-9.0)
+    assert judge(weak, alpha=1e-9).threshold_log10 == new.threshold_log10
+
+
+# --- judge: the security level (the default) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_judge_at_exactly_the_security_level_verifies(m: int) -> None:
+    exact = math.log10(2.0**-128 / m)
+    others = [_stat("W1 topology", -1.0)] * (m - 1)
+    at = judge([_stat("W2 bits", exact), *others])
+    assert at.threshold_log10 == exact
+    assert at.tests == m and at.security_bits == 128 and at.rule == "p <= 2^-128/m"
+    assert at.verified and at.decisive == ["W2 bits"]
+    assert at.reason == f"verified: W2 bits p = {format_p(exact)} <= 2^-128/m (m={m})"
+    hair = judge([_stat("W2 bits", math.nextafter(exact, 0.0)), *others])
+    assert not hair.verified and hair.decisive == []
+    # 1e-38 is a p-value a sound test rarely gives by chance, but not at 2^-128 = 2.9e-39.
+    assert not judge([_stat("W2 bits", -38.0), *others]).verified
+
+
+def test_judge_security_reason_names_the_rule_and_the_work() -> None:
+    verdict = judge([_stat("W2 bits", math.log10(3.2e-8)), _stat("W1 topology", -1.0)])
+    assert verdict.reason == (
+        "not verified: no evidence at or below 2^-128/m = 1.5e-39 (m=2), smallest W2 bits "
+        "p = 3.2e-08 (a forger reaches it in about 2^25 tries); no cryptographic evidence"
+    )
+    strong = judge([_stat("W2 bits", -290.3), _stat("W1 topology", -1.0)])
+    assert strong.reason == "verified: W2 bits p = 5.0e-291 <= 2^-128/m (m=2)"
+
+
+def test_judge_other_security_levels() -> None:
+    # 64 bits: 2^-64 = 5.4e-20.
+    assert judge([_stat("a", -20.0)], security_bits=64).verified
+    assert not judge([_stat("a", -19.0)], security_bits=64).verified
+    # 2000 bits lies below the smallest double: the threshold is computed in log space.
+    deep = judge([_stat("a", -603.0)], security_bits=2000)
+    assert deep.threshold_log10 == pytest.approx(-2000 * math.log10(2), abs=1e-9)
+    assert deep.verified
+    assert not judge([_stat("a", -602.0)], security_bits=2000).verified
+    assert "2^-2000/m = 10^-602.1 (m=1)" in judge([_stat("a", -1.0)], security_bits=2000).reason
+
+
+@pytest.mark.parametrize("bits", [-1, 4097, True, 1.5, "128", None])
+def test_judge_rejects_bad_security_bits(bits: object) -> None:
+    with pytest.raises(ConfigError, match="security_bits"):
+        judge([_stat("a", -10.0)], security_bits=bits)  # type: ignore[arg-type]
 
 
 def test_judge_cryptographic_evidence_alone_verifies() -> None:
@@ -300,7 +368,7 @@ def test_judge_both_decisive_named_in_order() -> None:
     verdict = judge([_stat("W2 bits", -300.9), _stat("W1", -1.0), _crypto("W2 payload", True)])
     assert verdict.decisive == ["W2 bits", "W2 payload"]
     assert verdict.reason == (
-        "verified: W2 bits p = 10^-300.9 < alpha/m = 5e-07 (m=2); W2 payload signature valid"
+        "verified: W2 bits p = 10^-300.9 <= 2^-128/m (m=2); W2 payload signature valid"
     )
 
 
@@ -308,19 +376,63 @@ def test_judge_not_verified_names_the_evidence() -> None:
     verdict = judge([_stat("W2 bits", -3.0), _crypto("W2 payload", False)])
     assert not verdict.verified
     assert verdict.decisive == []
-    assert verdict.reason.startswith("not verified: no evidence below alpha/m = 1e-06 (m=1)")
-    assert "W2 bits p = 0.001" in verdict.reason
+    assert verdict.reason.startswith(
+        "not verified: no evidence at or below 2^-128/m = 2.9e-39 (m=1)"
+    )
+    assert "W2 bits p = 0.001 (a forger reaches it in about 2^10 tries)" in verdict.reason
     assert "W2 payload signature invalid" in verdict.reason
 
 
 def test_judge_counts_only_evidence_with_a_p_value() -> None:
-    verdict = judge([_stat("unreadable", None), _stat("W2 bits", -6.5), _crypto("sig", None)])
+    verdict = judge(
+        [_stat("unreadable", None), _stat("W2 bits", -6.5), _crypto("sig", None)], security_bits=0
+    )
     assert verdict.tests == 1
     assert verdict.verified
     nothing = judge([_stat("unreadable", None), _crypto("sig", None)])
     assert not nothing.verified and nothing.tests == 0
     assert "no statistical evidence with a p-value" in nothing.reason
     assert "sig signature not checked" in nothing.reason
+
+
+def _imported(log10_p: float) -> Evidence:
+    return Evidence(
+        name="B1 triggers",
+        kind="statistical",
+        summary="100/100 trigger labels match",
+        log10_p=log10_p,
+        null="Binomial(100, 0.10)",
+        judged=False,
+        not_judged_reason="an imported trigger set",
+    )
+
+
+def test_unjudged_evidence_never_decides_and_is_not_counted() -> None:
+    alone = judge([_imported(-100.0)])
+    assert not alone.verified and alone.decisive == [] and alone.tests == 0
+    assert alone.not_judged == ["B1 triggers"]
+    assert alone.reason == (
+        "not verified: no statistical evidence with a p-value; no cryptographic evidence; "
+        "B1 triggers p = 1.0e-100 is not judged (an imported trigger set)"
+    )
+    # Not even the plain alpha rule lets it decide.
+    assert not judge([_imported(-100.0)], security_bits=0).verified
+    # It does not count in m: one judged test keeps the threshold at 2^-128 / 1.
+    mixed = judge([_stat("W2 bits", -50.0), _imported(-100.0)])
+    assert mixed.tests == 1
+    assert mixed.threshold_log10 == pytest.approx(-128 * math.log10(2), abs=1e-12)
+    assert mixed.decisive == ["W2 bits"]
+    assert mixed.reason == (
+        "verified: W2 bits p = 1.0e-50 <= 2^-128/m (m=1); "
+        "B1 triggers p = 1.0e-100 is not judged (an imported trigger set)"
+    )
+    exact = math.log10(2.0**-128)
+    assert judge([_stat("W2 bits", exact), _imported(-100.0)]).verified
+    # An unjudged signature does not decide either.
+    unjudged_sig = Evidence(
+        "sig", "cryptographic", "s", valid=True, judged=False, not_judged_reason="test"
+    )
+    assert not judge([unjudged_sig]).verified
 
 
 def test_judge_without_evidence() -> None:
@@ -337,17 +449,70 @@ def test_judge_rejects_bad_alpha(alpha: object) -> None:
 
 
 def test_verdict_to_dict_is_strict_json() -> None:
-    verdict = judge([_stat("W2 bits", -300.9), _crypto("W2 payload", False)])
+    verdict = judge([_stat("W2 bits", -300.9), _crypto("W2 payload", False), _imported(-3.0)])
     assert isinstance(verdict, Verdict)
     data = json.loads(json.dumps(verdict.to_dict(), allow_nan=False))
     assert data == {
         "verified": True,
         "alpha": 1e-6,
-        "threshold_log10": -6.0,
+        "security_bits": 128,
+        "rule": "p <= 2^-128/m",
+        "threshold_log10": pytest.approx(-128 * math.log10(2), abs=1e-12),
+        "threshold": "2.9e-39",
         "tests": 1,
         "decisive": ["W2 bits"],
+        "not_judged": ["B1 triggers"],
         "reason": verdict.reason,
     }
+
+
+# --- the forger's work -----------------------------------------------------------------------------
+
+
+def test_evidence_reports_the_work_to_forge_it() -> None:
+    ev = _stat("W2 bits", math.log10(3.2e-8))
+    assert ev.work_log2 == pytest.approx(-math.log2(3.2e-8), abs=1e-9)
+    assert ev.work_log2 == pytest.approx(24.897, abs=1e-3)
+    assert ev.work_text == "2^25 tries"
+    data = json.loads(json.dumps(ev.to_dict(), allow_nan=False))
+    assert data["work_log2"] == pytest.approx(24.897, abs=1e-3) and data["work"] == "2^25 tries"
+    assert data["judged"] is True and data["not_judged_reason"] == ""
+    assert _stat("W2 bits", 0.0).work_log2 == 0.0 and _stat("a", 0.0).work_text == "2^0 tries"
+    assert _stat("W2 bits", -300.9).work_text == "2^1000 tries"
+    assert _stat("W2 bits", None).work_log2 is None and _stat("a", None).work_text is None
+    assert _crypto("W2 payload", True).to_dict()["work_log2"] is None
+    assert format_work(-0.0) == "2^0 tries" and format_work(0.49) == "2^0 tries"
+    # p = 0: never printed as 0 tries or 2^inf; JSON stays standard.
+    dead = _stat("degenerate", -math.inf)
+    assert dead.work_text == "more than 2^1023 tries"
+    assert json.loads(json.dumps(dead.to_dict(), allow_nan=False))["work_log2"] == "inf"
+    imported = json.loads(json.dumps(_imported(-3.0).to_dict(), allow_nan=False))
+    assert (
+        imported["judged"] is False and imported["not_judged_reason"] == "an imported trigger set"
+    )
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_format_work_rejects_negative_work(bad: float) -> None:
+    with pytest.raises(ValueError):
+        format_work(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"judged": False},
+        {"judged": False, "not_judged_reason": "  "},
+        {"judged": True, "not_judged_reason": "why"},
+        {"judged": 0, "not_judged_reason": "why"},
+        {"judged": False, "not_judged_reason": "two\nlines"},
+    ],
+)
+def test_evidence_rejects_inconsistent_judging(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        _stat("e", -3.0).__class__(
+            name="e", kind="statistical", summary="s", log10_p=-3.0, null="B", **kwargs
+        )
 
 
 def test_prediction_p_is_calibrated_even_with_two_null_samples() -> None:

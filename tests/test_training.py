@@ -10,9 +10,11 @@ from torch.utils.data import TensorDataset
 from ticketguard.errors import ConfigError
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.training import (
+    MagnitudeFloor,
     TrainConfig,
     derive_seed,
     evaluate,
+    floored,
     iterations_per_epoch,
     resolve_device,
     train,
@@ -177,3 +179,41 @@ def test_training_does_not_disturb_the_callers_random_state() -> None:
     torch.manual_seed(123)
     train(model, mask, data, TrainConfig(epochs=2, batch_size=2), device=CPU, seed=0)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_floored_raises_weak_entries_and_keeps_signs() -> None:
+    weight = torch.tensor([0.5, -0.01, 0.0, -0.0, 0.02, -3.0])
+    floor = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.0, 0.1])
+    out = floored(weight, floor)
+    assert out.tolist() == pytest.approx([0.5, -0.1, 0.1, -0.1, 0.02, -3.0])
+    assert torch.signbit(out).tolist() == [False, True, False, True, False, True]
+
+
+def test_floors_hold_through_training_while_other_weights_move() -> None:
+    """A weight the gradient drives towards zero stays at its floor; the mask still wins."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(64, 10, generator=g), torch.randint(0, 3, (64,), generator=g))
+    keep = torch.rand(16, 10, generator=g) > 0.5
+    carriers = keep & (torch.rand(16, 10, generator=g) > 0.5)
+    floor = torch.where(carriers, 0.8, 0.0)
+    start = model[0].weight.detach().clone()
+    cfg = TrainConfig(epochs=5, batch_size=16, lr=0.5, weight_decay=0.1)
+    train(
+        model, Mask({"0.weight": keep}), data, cfg, device=CPU, seed=0, floors={"0.weight": floor}
+    )
+    w = model[0].weight.detach()
+    assert (w[carriers].abs() >= 0.8 - 1e-6).all()
+    assert (w[~keep] == 0).all()
+    free = keep & ~carriers
+    assert (w[free].abs() < 0.8).any()  # the floor binds only where it is set
+    assert not torch.allclose(w[free], start[free])
+
+
+def test_a_floor_must_fit_its_parameter() -> None:
+    model = nn.Linear(3, 2)
+    with pytest.raises(ConfigError, match="no parameter 'nope'"):
+        MagnitudeFloor(model, {"nope": torch.zeros(2, 3)})
+    with pytest.raises(ConfigError, match="floor shape"):
+        MagnitudeFloor(model, {"weight": torch.zeros(3, 2)})

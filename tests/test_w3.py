@@ -79,7 +79,7 @@ def test_write_qr_keeps_counts_and_draws_the_code(make_ticket) -> None:
     ticket = _ticket(make_ticket)
     before = {n: m.clone() for n, m in ticket.mask.items()}
     params = plan_qr(ticket.mask, "conv3.weight", make_symbol(TEXT), b"\x02" * 32)
-    mask = write_qr(ticket.mask, ticket.trained, ticket.rewind, params)
+    mask = write_qr(ticket.mask, ticket.trained, ticket.rewind, params).mask
     assert all(torch.equal(ticket.mask[n], before[n]) for n in before)  # pure
     for name in mask:
         assert int(mask[name].sum()) == int(before[name].sum()), name
@@ -89,6 +89,29 @@ def test_write_qr_keeps_counts_and_draws_the_code(make_ticket) -> None:
     assert torch.equal(mask["fc1.weight"], before["fc1.weight"])
     reading = read_qr(mask, params)
     assert reading.mismatches == 0 and reading.decoded == TEXT
+
+
+def test_light_modules_are_strong_carriers_after_signing(make_ticket) -> None:
+    """Every connected (light) module has a carrier that signing holds at the layer's 0.75
+    quantile, so magnitude pruning reaches the code last."""
+    ticket = _ticket(make_ticket)
+    params = plan_qr(ticket.mask, "conv3.weight", make_symbol(TEXT), b"\x02" * 32)
+    written = write_qr(ticket.mask, ticket.trained, ticket.rewind, params)
+    light = ~params.symbol.dark.reshape(-1)
+    carriers = written.carriers["conv3.weight"]
+    kernel = ticket.mask["conv3.weight"][0, 0].numel()
+    assert sorted((carriers // kernel).tolist()) == sorted(window_positions(params)[light].tolist())
+    config = SignConfig(scheme="W3", qr_text=TEXT, qr_layer="conv3.weight")
+    result = sign_without_data(ticket, generate_key("alice@example.org"), config)
+    level = torch.quantile(
+        ticket.trained["conv3.weight"][ticket.mask["conv3.weight"]].abs().float(), 0.75
+    )
+    signed = result.ticket.trained["conv3.weight"].reshape(-1)
+    window = window_positions(result.params)
+    rows = torch.as_tensor(window[light]) * kernel
+    strongest = signed.abs().view(-1, kernel)[rows // kernel].amax(dim=1)
+    assert (strongest >= level * (1 - 1e-6)).all()
+    assert result.credential["embedding"]["carriers"]["count"] == int(light.sum())
 
 
 def test_an_unsigned_mask_reads_at_chance(make_ticket) -> None:
@@ -372,7 +395,7 @@ def test_other_windows_of_the_layer_are_scored_exactly(make_ticket) -> None:
 
     ticket = _ticket(make_ticket)
     params = plan_qr(ticket.mask, "fc1.weight", make_symbol(TEXT), b"\x08" * 32)
-    signed = write_qr(ticket.mask, ticket.trained, ticket.rewind, params)
+    signed = write_qr(ticket.mask, ticket.trained, ticket.rewind, params).mask
     conn = channel_connectivity(signed["fc1.weight"])
     reading = read_qr(signed, params)
     others = reading.others

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from ticketguard.tickets.mask import Mask  # noqa: E402
 from ticketguard.tickets.ticket import Ticket, load_ticket  # noqa: E402

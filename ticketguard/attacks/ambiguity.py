@@ -325,16 +325,14 @@ def _overwrite_connectivity(
     ticket: Ticket, fraction: float, seed: int
 ) -> tuple[Mask, dict[str, int]]:
     """Flip connectivity entries of the layers W2 writes into, as W2 writes them (counts kept)."""
-    from ticketguard.signatures.payload import EccParams
     from ticketguard.signatures.signing import excluded_layers
     from ticketguard.signatures.topology import channel_connectivity
-    from ticketguard.signatures.w2 import EmbeddingLayer, W2Params, eligible_layers, write_bits
+    from ticketguard.signatures.w2 import eligible_layers, write_connectivity
 
     mask = kept_mask(ticket)
     names = eligible_layers(mask, excluded_layers(ticket), None)
     gen = generator(seed, "overwrite")
-    layers, positions, bits, flipped = [], [], [], {}
-    capped = {}
+    targets, flipped, capped = [], {}, {}
     for name in names:
         m = mask[name]
         conn = channel_connectivity(m)
@@ -350,23 +348,15 @@ def _overwrite_connectivity(
         if count == 0:
             continue
         pos = torch.randperm(conn.numel(), generator=gen)[:count].numpy()
-        layers.append(
-            EmbeddingLayer(
-                name, (int(conn.shape[0]), int(conn.shape[1])), count, int(mask[name].sum())
-            )
-        )
-        positions.append(pos)
-        bits.append((~conn.reshape(-1)[torch.as_tensor(pos)]).numpy().astype(np.uint8))
+        shape = (int(conn.shape[0]), int(conn.shape[1]))
+        targets.append((name, shape, pos, (~conn.reshape(-1)[torch.as_tensor(pos)]).numpy()))
         flipped[name] = count
     if capped:
         flipped["capped"] = sum(capped.values())
-    if not layers:
+    if not targets:
         return mask, flipped
-    params = W2Params(tuple(layers), EccParams())
     try:
-        new = write_bits(
-            mask, ticket.trained, ticket.rewind, params, positions, np.concatenate(bits)
-        )
+        new = write_connectivity(mask, ticket.trained, ticket.rewind, targets).mask
     except EmbeddingError as exc:
         raise AttackError(f"cannot overwrite that much: {exc}") from None
     return new, flipped
@@ -482,21 +472,27 @@ def key_search(
     probability.
     """
     from ticketguard import __version__
+    from ticketguard.attacks.grinding import Rule, expected_work_log2, log10_sum, work_text
     from ticketguard.signatures.credential import payload_message
     from ticketguard.signatures.payload import EccParams, embedded_bits, recover_payload
     from ticketguard.signatures.signing import excluded_layers, input_normalization, input_shape_of
-    from ticketguard.signatures.topology import channel_connectivity
     from ticketguard.signatures.triggers import generate_triggers
-    from ticketguard.signatures.w2 import eligible_layers, keyed_positions, plan_embedding
+    from ticketguard.signatures.w2 import (
+        eligible_layers,
+        keyed_positions,
+        layer_strengths,
+        observed_magnitudes,
+        plan_embedding,
+        read_groups,
+    )
     from ticketguard.verify.stats import Evidence, binomial_log10_tail, judge
 
     start = time.perf_counter()
     mask = kept_mask(ticket)
     params = plan_embedding(mask, eligible_layers(mask, excluded_layers(ticket), None), EccParams())
-    connectivity = {
-        layer.name: channel_connectivity(mask[layer.name]).reshape(-1).numpy()
-        for layer in params.layers
-    }
+    strengths = layer_strengths(
+        observed_magnitudes(ticket.trained, mask, params.layer_names), params
+    )
     fingerprint = ticket.fingerprint
     model = inputs_mean = inputs_std = shape = None
     if p["trigger"]:
@@ -506,12 +502,16 @@ def key_search(
         shape = input_shape_of(ticket, context.dataset)
         inputs_mean, inputs_std = input_normalization(ticket, context.dataset)
     tries, verified = p["tries"], 0
+    # Per try, log10 of the chance that its W2 bits (and B1 set) reach the threshold under the
+    # null: the expected tries to a verified claim follow, as in `grind`.
+    rule = Rule(p["alpha"], p["security_bits"], 2 if p["trigger"] else 1)
+    reaching: list[float] = []
     best = {"W2 bits": 0.0, "B1 triggers": 0.0}
     most_bits = decode_attempts = decoded = 0
-    total_bytes = params.num_bits // 8
     # A decode can only return the claimed signature if the bits are within the code's reach
-    # of its codeword: at most nsym // 2 wrong bytes. Farther off, decoding is skipped (exact).
-    reach = total_bytes - params.ecc.nsym // 2
+    # of its codeword: even erasing every wrong or unread byte, at most nsym of them. Farther
+    # off, decoding is skipped (exact).
+    reach = params.ecc.nsym
     message = payload_message(
         owner=ATTACKER,
         created="1970-01-01T00:00:00Z",
@@ -527,30 +527,35 @@ def key_search(
                 ATTACKER, Ed25519PrivateKey.from_private_bytes(_seed_bytes(seed, "key", i))
             )
             expected = embedded_bits(key.sign(message), seed_i, params.ecc)
-            positions = keyed_positions(seed_i, params)
-            read = np.concatenate(
-                [
-                    connectivity[layer.name][pos]
-                    for layer, pos in zip(params.layers, positions, strict=True)
-                ]
-            ).astype(np.uint8)
-            matched = int((read == expected).sum())
+            reading = read_groups(strengths, params, keyed_positions(seed_i, params))
+            right = (reading.bits == expected) & ~reading.erased
+            matched, n = reading.matches(expected)
             most_bits = max(most_bits, matched)
-            log10_w2 = binomial_log10_tail(len(read), matched, 0.5)
+            reaching.append(rule.reach_log10(n, 0.5))
+            log10_w2 = binomial_log10_tail(n, matched, 0.5)
             best["W2 bits"] = min(best["W2 bits"], log10_w2)
-            same_bytes = int((read.reshape(-1, 8) == expected.reshape(-1, 8)).all(axis=1).sum())
+            differing = int((~right).reshape(-1, 8).any(axis=1).sum())
             valid = False
-            if same_bytes >= reach or p["decode"] == "always":
+            if differing <= reach or p["decode"] == "always":
                 decode_attempts += 1
-                found = recover_payload(read, seed_i, params.ecc)
+                public = key.public_key
+                # Erasing the least reliable bytes (soft decoding) can only help within reach.
+                found = recover_payload(
+                    reading.bits,
+                    seed_i,
+                    params.ecc,
+                    erasures=reading.erased,
+                    reliability=reading.margin if differing <= reach else None,
+                    accept=lambda payload, public=public: public.verify(payload, message),
+                )
                 decoded += found is not None
-                valid = found is not None and key.public_key.verify(found, message)
+                valid = found is not None
             claims.append(
                 [
                     Evidence(
                         "W2 bits",
                         "statistical",
-                        f"{matched}/{len(read)} bits match",
+                        f"{matched}/{n} read bits match",
                         log10_w2,
                         null="Binomial(n, 1/2)",
                     ),
@@ -572,9 +577,13 @@ def key_search(
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             # One batch per chunk of tries: larger batches are markedly faster on a CPU.
             answers = _predict(model, inputs, context.device, len(inputs)).split(p["trigger_size"])
-            for evidences, triggers, answer in zip(claims, sets, answers, strict=True):
+            for i, (evidences, triggers, answer) in enumerate(
+                zip(claims, sets, answers, strict=True), start=len(reaching) - len(claims)
+            ):
                 hits = int((answer == triggers.labels).sum())
-                log10_b1 = binomial_log10_tail(triggers.size, hits, triggers.max_label_frequency())
+                p0 = triggers.max_label_frequency()
+                log10_b1 = binomial_log10_tail(triggers.size, hits, p0)
+                reaching[i] = log10_sum(reaching[i], rule.reach_log10(triggers.size, p0))
                 best["B1 triggers"] = min(best["B1 triggers"], log10_b1)
                 evidences.append(
                     Evidence(
@@ -585,19 +594,26 @@ def key_search(
                         null="Binomial(T, p0)",
                     )
                 )
-        verified += sum(judge(evidences, p["alpha"]).verified for evidences in claims)
+        verified += sum(
+            judge(evidences, p["alpha"], p["security_bits"]).verified for evidences in claims
+        )
     return AttackResult(
         None,
         {
             "tries": tries,
             "verified": verified,
             "alpha": p["alpha"],
-            "bound": tries * p["alpha"],
+            "security_bits": p["security_bits"],
+            "bound": tries * p["alpha"]
+            if p["security_bits"] == 0
+            else tries * 2.0 ** -p["security_bits"],
             "bits": params.num_bits,
             "most_bits_matched": most_bits,
             "decode_attempts": decode_attempts,
             "payloads_decoded": decoded,
             "smallest_log10_p": best if model is not None else {"W2 bits": best["W2 bits"]},
+            "work_log2": expected_work_log2(reaching),
+            "work": work_text(expected_work_log2(reaching)),
             "seconds": time.perf_counter() - start,
         },
     )
@@ -623,9 +639,17 @@ register(
                 "alpha",
                 float,
                 1e-6,
-                "Significance level of each try's verdict.",
+                "Significance level of each try's verdict (only with security_bits 0).",
                 minimum=1e-300,
                 maximum=0.5,
+            ),
+            Param(
+                "security_bits",
+                int,
+                128,
+                "Each try's statistical evidence decides only at p <= 2^-bits/m (0: alpha/m).",
+                minimum=0,
+                maximum=4096,
             ),
             Param(
                 "decode",

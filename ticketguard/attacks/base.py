@@ -164,7 +164,7 @@ def register(attack: Attack) -> Attack:
 
 
 def _load_all() -> None:
-    from ticketguard.attacks import ambiguity, removal  # noqa: F401  (they register themselves)
+    from ticketguard.attacks import ambiguity, grinding, removal  # noqa: F401  (they register themselves)
 
 
 def attack_names() -> list[str]:

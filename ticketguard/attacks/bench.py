@@ -20,17 +20,22 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ticketguard.attacks.base import Attack, AttackContext, AttackError, get_attack
 from ticketguard.errors import ConfigError, TicketGuardError
 from ticketguard.files import canonical_json, write_json_atomic
+from ticketguard.verify.stats import MAX_SECURITY_BITS, SECURITY_BITS
+
+if TYPE_CHECKING:
+    from ticketguard.tickets.ticket import Ticket
 
 #: Top-level config keys and their TOML types.
 TOP_KEYS: dict[str, type] = {
     "name": str,
     "seeds": list,
     "alpha": float,
+    "security_bits": int,
     "max_drop": float,
     "data_fraction": float,
     "blackbox": bool,
@@ -74,6 +79,7 @@ class BenchConfig:
     attacks: tuple[AttackSpec, ...]
     seeds: tuple[int, ...] = (0,)
     alpha: float = 1e-6
+    security_bits: int = SECURITY_BITS
     max_drop: float = 0.05
     data_fraction: float = 0.5
     blackbox: bool = True
@@ -94,6 +100,7 @@ class BenchConfig:
             ],
             "seeds": list(self.seeds),
             "alpha": self.alpha,
+            "security_bits": self.security_bits,
             "max_drop": self.max_drop,
             "data_fraction": self.data_fraction,
             "blackbox": self.blackbox,
@@ -253,6 +260,11 @@ def _check_config(config: BenchConfig) -> None:
 
     if not 0 < config.alpha < 1:
         raise ConfigError(f"config key 'alpha' must be in (0, 1), got {config.alpha}")
+    if not 0 <= config.security_bits <= MAX_SECURITY_BITS:
+        raise ConfigError(
+            f"config key 'security_bits' must be in 0..{MAX_SECURITY_BITS}, "
+            f"got {config.security_bits}"
+        )
     if not 0 <= config.max_drop <= 1:
         raise ConfigError(f"config key 'max_drop' must be in [0, 1], got {config.max_drop}")
     if not 0 < config.data_fraction <= 1:
@@ -282,6 +294,7 @@ def _cell_id(config: BenchConfig, targets: dict[str, str], **what: Any) -> str:
         **what,
         "targets": targets,
         "alpha": config.alpha,
+        "security_bits": config.security_bits,
         "reference": config.reference,
         "blackbox": config.blackbox,
         "null_samples": config.null_samples,
@@ -291,7 +304,8 @@ def _cell_id(config: BenchConfig, targets: dict[str, str], **what: Any) -> str:
 
 def _config_defaults(attack: Attack, config: BenchConfig, given: dict[str, Any]) -> dict[str, Any]:
     """Fill the parameters the config sets for every attack: the attacker's data share (in
-    attacks that train) and the significance level (in attacks that verify themselves)."""
+    attacks that train), the significance and security levels (in attacks that verify
+    themselves)."""
     filled = dict(given)
     names = {p.name for p in attack.params}
     if attack.needs_data:
@@ -300,6 +314,8 @@ def _config_defaults(attack: Attack, config: BenchConfig, given: dict[str, Any])
                 filled[name] = config.data_fraction
     if "alpha" in names and "alpha" not in filled:
         filled["alpha"] = config.alpha
+    if "security_bits" in names and "security_bits" not in filled:
+        filled["security_bits"] = config.security_bits
     return filled
 
 
@@ -420,11 +436,33 @@ def _evidence(evidences: Any) -> list[dict[str, Any]]:
             "kind": e.kind,
             "summary": e.summary,
             "log10_p": e.log10_p,
+            "work_log2": e.work_log2,
             "valid": e.valid,
             "null": e.null,
+            "judged": e.judged,
         }
         for e in evidences
     ]
+
+
+def mask_unchanged(target: Ticket, attacked: Ticket) -> bool:
+    """Return whether an attack kept the target's mask exactly, over the target's masked layers.
+
+    Each side's kept mask is its non-zero weights within its mask (a layer the attacked ticket
+    does not mask counts as unmasked). When it is unchanged, W2, which lives in the mask, cannot
+    have been affected, so the cell says nothing about W2's robustness.
+    """
+    for name, mask in target.mask.items():
+        weight = attacked.trained.get(name)
+        if weight is None or tuple(weight.shape) != tuple(mask.shape):
+            return False
+        kept = mask.bool() & (target.trained[name] != 0)
+        theirs = weight != 0
+        if name in attacked.mask:
+            theirs = theirs & attacked.mask[name].bool()
+        if not bool((kept.cpu() == theirs.cpu()).all()):
+            return False
+    return True
 
 
 def _verify(
@@ -453,7 +491,11 @@ def _verify(
         credential=shared["credential"],
         reveal=shared["secret"],
         reference=target["ticket"] if shared["reference"] else None,
-        config=VerifyConfig(alpha=shared["alpha"], null_samples=shared["null_samples"]),
+        config=VerifyConfig(
+            alpha=shared["alpha"],
+            null_samples=shared["null_samples"],
+            security_bits=shared["security_bits"],
+        ),
         blackbox=queried,
     )
     return {
@@ -464,6 +506,8 @@ def _verify(
         "decisive": list(report.verdict.decisive),
         "reason": report.verdict.reason,
         "threshold_log10": report.verdict.threshold_log10,
+        "security_bits": report.verdict.security_bits,
+        "tests": report.verdict.tests,
         "problems": list(report.problems),
     }
 
@@ -487,22 +531,24 @@ def _dispute(
     ]
     decided = dispute(
         claims,
-        config=VerifyConfig(alpha=shared["alpha"], null_samples=shared["null_samples"]),
+        config=VerifyConfig(
+            alpha=shared["alpha"],
+            null_samples=shared["null_samples"],
+            security_bits=shared["security_bits"],
+        ),
         blackbox=shared["blackbox"],
         device=target["device"],
     )
     owner_on_copy = decided.matrix[0][1]
     return {
         "judged_by": BY_DISPUTE,
-        "evidence": [
-            # A dispute's cells carry no kind; only cryptographic evidence has a validity.
-            {**e, "kind": "statistical" if e.get("valid") is None else "cryptographic"}
-            for e in owner_on_copy["evidence"]
-        ],
+        "evidence": [dict(e) for e in owner_on_copy["evidence"]],
         "crypto_valid": any(e.get("valid") is True for e in owner_on_copy["evidence"]),
         "verified": owner_on_copy["verified"],
         "decisive": list(owner_on_copy.get("decisive") or []),
         "reason": owner_on_copy["reason"],
+        "threshold_log10": owner_on_copy["threshold_log10"],
+        "security_bits": owner_on_copy["security_bits"],
         "winner": {0: "owner", 1: "attacker"}.get(decided.winner, "undecided"),  # type: ignore[arg-type]
         "attacker_mark_on_original": decided.matrix[1][0]["verified"],
         "reasoning": list(decided.reasoning),
@@ -551,6 +597,8 @@ def run_cell(
         else:
             after = _accuracy(attacked, target)
             record["accuracy_after"] = after
+            if attack is not None:
+                record["mask_unchanged"] = mask_unchanged(target["ticket"], attacked)
             before = target["before"]
             record["drop"] = None if after is None or before is None else before - after
             name = f"<{job['attack']} {job['id']}>"
@@ -635,6 +683,7 @@ def _shared(config: BenchConfig) -> dict[str, Any]:
         "credential": str(config.credential),
         "secret": str(config.secret),
         "alpha": config.alpha,
+        "security_bits": config.security_bits,
         "max_drop": config.max_drop,
         "blackbox": config.blackbox,
         "reference": config.reference,

@@ -91,14 +91,30 @@ def load_target(
     return Ticket(mask, state, rewind or {}, metadata)
 
 
+#: Attacks that measure (their `--out` is a JSON report); `grind` also writes the claim it found.
+MEASUREMENTS = ("key-search", "grind")
+
+
 def output_paths(name: str, out: str | Path) -> list[Path]:
-    """Return the files `attack NAME --out OUT` writes."""
+    """Return the files `attack NAME --out OUT` writes (a measurement's claim aside)."""
     from ticketguard.tickets import paths
 
     out = Path(out)
     if get_attack(name).makes_claim:
         return list(paths.signed_outputs(out))
     return [out]
+
+
+def claim_paths(out: str | Path) -> list[Path]:
+    """Return where a measurement writes a claim it found: beside OUT, named OUT's stem + .claim.
+
+    `grind.json` gives `grind.claim.ticket`, `grind.claim.cred.json` and
+    `grind.claim.secret.json`.
+    """
+    from ticketguard.tickets import paths
+
+    out = Path(out)
+    return list(paths.signed_outputs(out.with_name(f"{out.stem}.claim{paths.TICKET_SUFFIX}")))
 
 
 def check_outputs(outputs: Sequence[Path], inputs: Sequence[str | Path], force: bool) -> None:
@@ -133,34 +149,42 @@ def attack_file(
     outputs = output_paths(name, out)
     inputs: list[str | Path] = [model]
     inputs += [v for p, v in resolved.items() if attack.param(p).is_path and v]
-    check_outputs(outputs, inputs, force)
+    # A measurement's claim is checked before the run, so a long grind is never lost to it.
+    check_outputs(outputs + (claim_paths(out) if name in MEASUREMENTS else []), inputs, force)
     context = context or AttackContext()
     ticket = load_target(model, arch=arch, arch_kwargs=arch_kwargs, dataset=context.dataset)
     result = run_attack(name, ticket, resolved, seed=seed, context=context)
-    write_result(name, result, out, inputs=inputs)
-    return AttackRun(name, resolved, seed, result, outputs)
+    written = write_result(name, result, out, inputs=inputs)
+    return AttackRun(name, resolved, seed, result, written)
 
 
 def write_result(
     name: str, result: AttackResult, out: str | Path, *, inputs: Sequence[str | Path] = ()
-) -> None:
-    """Write an attack's output: the signed claim, the attacked model, or the measurement."""
-    if result.claim is not None:
-        from ticketguard.signatures.signing import write_signed
+) -> list[Path]:
+    """Write an attack's output: the signed claim, the attacked model, or the measurement (and
+    the claim a measurement found, beside it); return the paths written."""
+    from ticketguard.signatures.signing import write_signed
 
+    if result.claim is not None and result.ticket is not None:
         write_signed(result.claim, out, inputs=inputs)
-    elif result.ticket is not None:
+        return output_paths(name, out)
+    if result.ticket is not None:
         result.ticket.save(out)
-    else:
-        from ticketguard.verify.stats import _json_safe
+        return [Path(out)]
+    from ticketguard.verify.stats import _json_safe
 
-        document = {
-            "attack": name,
-            "seconds": result.seconds,
-            "details": _json_safe(result.details),
-        }
-        with atomic_path(out) as tmp:
-            Path(tmp).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    document = {
+        "attack": name,
+        "seconds": result.seconds,
+        "details": _json_safe(result.details),
+    }
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    if result.claim is None:
+        return [Path(out)]
+    found = claim_paths(out)
+    write_signed(result.claim, found[0], inputs=inputs)
+    return [Path(out), *found]
 
 
 def describe(run: AttackRun) -> list[str]:
@@ -168,6 +192,10 @@ def describe(run: AttackRun) -> list[str]:
     lines = [f"attack: {run.name}  seed {run.seed}  ({run.result.seconds:.1f} s)"]
     if run.params:
         lines.append("parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(run.params.items())))
+    summary = run.result.details.get("summary")
+    if isinstance(summary, list):
+        # An attack that sums itself up in lines is shown by them; its report has the rest.
+        return lines + [f"  {line}" for line in summary] + [f"wrote {p}" for p in run.written]
     ticket = run.result.ticket
     if ticket is not None:
         lines.append(

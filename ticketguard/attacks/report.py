@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from ticketguard.files import atomic_path, write_json_atomic, write_text_atomic
-from ticketguard.verify.stats import format_p
+from ticketguard.verify.stats import format_p, security_threshold_log10
 
 CSV_NAME, JSON_NAME, PLOT_NAME = "results.csv", "results.json", "plots.png"
 MD_NAME, HTML_NAME = "report.md", "report.html"
 #: Evidence left out of the summary table: W1's random-mask null cannot reach the threshold
 #: with the few samples a benchmark draws, so its column would only say "not significant".
 TABLE_SKIPS = ("W1 topology",)
+#: What the report says of a cell whose attack left the target's mask as it was.
+MASK_UNCHANGED = "mask unchanged: W2 cannot be affected"
 
 Record = Mapping[str, Any]
 
@@ -59,7 +61,15 @@ def _judged_by(record: Record) -> str | None:
         return str(record["judged_by"])
     if record.get("winner") is not None:
         return "dispute"
-    return "count" if record.get("attack") == "key-search" else "verification"
+    return "count" if record.get("attack") in ("key-search", "grind") else "verification"
+
+
+def _count_text(record: Record) -> str:
+    """Return a counting cell's result: how many tries verified, and the work to the threshold."""
+    d = record.get("details") or {}
+    what = "ground claims" if record.get("attack") == "grind" else "random keys"
+    text = f"{d.get('verified')} of {d.get('tries')} {what} verified"
+    return text + (f"; {d['work']} to verify by chance" if d.get("work") else "")
 
 
 def _evidence_names(records: Sequence[Record]) -> list[str]:
@@ -74,7 +84,7 @@ def _evidence_names(records: Sequence[Record]) -> list[str]:
 def _evidence_text(e: Mapping[str, Any]) -> str:
     value = _num(e.get("log10_p"))
     if value is not None:
-        return f"p = {format_p(value)}"
+        return f"p = {format_p(value)}" + ("" if e.get("judged", True) else " (not judged)")
     if e.get("valid") is not None:
         return "valid" if e["valid"] else "invalid"
     return "not judged"
@@ -94,8 +104,7 @@ def _smallest(record: Record) -> tuple[str, float | None]:
 def evidence_text(record: Record) -> str:
     """Return the cell's strongest evidence as text (the smallest p, a valid signature)."""
     if _judged_by(record) == "count":
-        d = record.get("details") or {}
-        return f"{d.get('verified')} of {d.get('tries')} random keys verified"
+        return _count_text(record)
     name, value = _smallest(record)
     parts = [] if value is None else [f"{name} p = {format_p(value)}"]
     if record.get("crypto_valid"):
@@ -112,7 +121,7 @@ def verdict_text(record: Record) -> str:
         return f"dispute won by the {record.get('winner')}"
     if by == "count":
         d = record.get("details") or {}
-        return f"{d.get('verified')} of {d.get('tries')} keys verified"
+        return f"{d.get('verified')} of {d.get('tries')} tries verified"
     if record.get("verified") is None:
         return "-"
     if not record["verified"]:
@@ -145,6 +154,7 @@ def summary_rows(records: Sequence[Record]) -> list[dict[str, str]]:
             row[name] = _evidence_text(found[name]) if name in found else "-"
         row["verdict"] = verdict_text(r)
         row["attack succeeded"] = _succeeded_text(r)
+        row["notes"] = MASK_UNCHANGED if r.get("mask_unchanged") else ""
         rows.append(row)
     return rows
 
@@ -164,6 +174,7 @@ CSV_COLUMNS = (
     "accuracy_before",
     "accuracy_after",
     "drop",
+    "mask_unchanged",
     "verified",
     "decisive",
     "crypto_valid",
@@ -239,11 +250,16 @@ def _positions(cells: Sequence[Record]) -> tuple[dict[str, float], list[str] | N
 
 
 def write_plots(
-    records: Sequence[Record], path: Path, max_drop: float, alpha: float | None = None
+    records: Sequence[Record],
+    path: Path,
+    max_drop: float,
+    alpha: float | None = None,
+    security_bits: int = 0,
 ) -> bool:
     """Draw -log10 p of each evidence and the clean accuracy against the attack's strength, a
     panel per attack; lines are the other parameters' settings, averaged over seeds (single
-    seeds as points). Return False when no cell can be plotted (then nothing is written)."""
+    seeds as points). The threshold is each cell's own, else 2^-security_bits (alpha when
+    security_bits is 0). Return False when no cell can be plotted (then nothing is written)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,8 +278,12 @@ def write_plots(
         threshold = next(
             (-t for c in cells if (t := _num(c.get("threshold_log10"))) is not None), None
         )
-        if threshold is None and alpha is not None:
+        if threshold is None and security_bits:
+            threshold = -security_threshold_log10(security_bits, 1)
+        elif threshold is None and alpha is not None:
             threshold = -math.log10(alpha)
+        bits = next((b for c in cells if (b := c.get("security_bits")) is not None), security_bits)
+        rule = f"2^-{bits}/m" if bits else "alpha/m"
         finite = [
             y
             for c in cells
@@ -319,7 +339,9 @@ def write_plots(
                 label="accuracy" + (f" ({variant})" if variant else ""),
             )
         if threshold is not None:
-            ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label="threshold")
+            ax.axhline(
+                threshold, color="red", linestyle="--", linewidth=1, label=f"threshold ({rule})"
+            )
         if clipped:
             ax.axhline(ceiling, color="grey", linewidth=0.5, label="p = 0 (clipped)")
         before = next((b for c in cells if (b := _num(c.get("accuracy_before"))) is not None), None)
@@ -410,16 +432,28 @@ def ambiguity_lines(records: Sequence[Record]) -> list[str]:
                 + ": "
                 + "; ".join(r.get("reasoning") or [])
             )
+        elif by == "count" and r.get("attack") == "grind":
+            d = r.get("details") or {}
+            best = d.get("best") or {}
+            lines.append(
+                f"{_label(r)} ({_params_text(r)}, seed {r.get('seed')}): {_count_text(r)} "
+                f"({d.get('tries_per_second', 0):,.0f} tries/s; best claim {best.get('statistic')},"
+                f" p = {best.get('p')}; the threshold is {d.get('rule')})"
+            )
         elif by == "count":
             d = r.get("details") or {}
             best = d.get("smallest_log10_p") or {}
             shown = ", ".join(
                 f"{k} p = {format_p(v)}" for k, v0 in best.items() if (v := _num(v0)) is not None
             )
+            bits = d.get("security_bits")
+            level = f"2^-{bits}" if bits else "alpha"
+            bound = _num(d.get("bound"))
             lines.append(
                 f"{_label(r)} ({_params_text(r)}, seed {r.get('seed')}): {d.get('verified')} "
-                f"of {d.get('tries')} random keys verified (bound tries x alpha = "
-                f"{d.get('bound')}" + (f"; smallest {shown})" if shown else ")")
+                f"of {d.get('tries')} random keys verified (bound tries x {level} = "
+                f"{d.get('bound') if bound is None else f'{bound:.3g}'}"
+                + (f"; smallest {shown})" if shown else ")")
             )
     return lines
 
@@ -437,10 +471,41 @@ def baseline_line(baseline: Record | None) -> str | None:
     )
 
 
-def _settings(config: Any) -> list[str]:
+def mask_lines(records: Sequence[Record]) -> list[str]:
+    """Name the cells whose attack left the target's mask unchanged (W2 untested by them)."""
     return [
-        f"alpha = {config.alpha:g} (Bonferroni over each verification's m pieces of evidence: "
-        f"threshold alpha/m)",
+        f"{_label(r)} ({_params_text(r)}, seed {r.get('seed')}): {MASK_UNCHANGED}"
+        for r in records
+        if r.get("mask_unchanged") and not r.get("error")
+    ]
+
+
+#: Why the cells of `mask_lines` say nothing about W2's robustness.
+MASK_NOTE = (
+    "these attacks kept the target's mask exactly (its non-zero weights in every masked layer), "
+    "and W2 lives in the mask: that W2 survives them is no evidence that it survives attacks "
+    "that change the mask"
+)
+
+
+def _settings(config: Any) -> list[str]:
+    bits = config.security_bits
+    if bits:
+        rule = (
+            f"statistical evidence decides at p <= 2^-{bits}/m (the {bits}-bit security level, "
+            f"Bonferroni over each verification's m pieces of evidence): a claimant who can "
+            f"retry needs about 2^{bits} tries to forge it; alpha = {config.alpha:g} applies "
+            "only to a claim proven to predate the suspect, and ticketguard has no proof of "
+            "time yet"
+        )
+    else:
+        rule = (
+            f"alpha = {config.alpha:g} (Bonferroni over each verification's m pieces of "
+            "evidence: threshold alpha/m; security level off, so this holds only for claims "
+            "proven to predate the suspect)"
+        )
+    return [
+        rule,
         f"an attack succeeds only if the owner's evidence is lost and the accuracy drop is at "
         f"most {100 * config.max_drop:g} points (max_drop = {config.max_drop:g})",
         f"the attacker's data fraction {config.data_fraction:g}; seeds "
@@ -480,6 +545,10 @@ def _markdown(
     lines += [f"- {_md(line)}" for line in lost] or [
         "- nowhere: every attacked model kept all of the target's decisive evidence"
     ]
+    unchanged = mask_lines(records)
+    if unchanged:
+        lines += ["", "## Mask unchanged", "", _md(MASK_NOTE[0].upper() + MASK_NOTE[1:]) + ".", ""]
+        lines += [f"- {_md(line)}" for line in unchanged]
     amb = ambiguity_lines(records)
     if amb:
         lines += ["", "## Ambiguity attacks", ""] + [f"- {_md(line)}" for line in amb]
@@ -527,6 +596,10 @@ def _html(
     ]
     parts += [f"<li>{e(line)}</li>" for line in lost]
     parts.append("</ul>")
+    unchanged = mask_lines(records)
+    if unchanged:
+        parts.append(f"<h2>Mask unchanged</h2><p>{e(MASK_NOTE[0].upper() + MASK_NOTE[1:])}.</p>")
+        parts.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in unchanged) + "</ul>")
     amb = ambiguity_lines(records)
     if amb:
         parts.append("<h2>Ambiguity attacks</h2><ul>")
@@ -555,7 +628,7 @@ def write_reports(
         {"config": config.to_dict(), "baseline": baseline, "cells": list(records)},
     )
     plot = out / PLOT_NAME
-    has_plot = write_plots(records, plot, config.max_drop, config.alpha)
+    has_plot = write_plots(records, plot, config.max_drop, config.alpha, config.security_bits)
     if has_plot:
         written.append(plot)
     else:

@@ -49,15 +49,18 @@ def _option(param: Any) -> click.Option:
 
 def _command(name: str) -> click.Command:
     from ticketguard.attacks.base import get_attack
+    from ticketguard.attacks.outputs import MEASUREMENTS
 
     attack = get_attack(name)
     makes = (
         "OUT (the attacker's signed ticket), OUT.cred.json and OUT.secret.json"
         if attack.makes_claim
         else "a JSON report"
-        if attack.name == "key-search"
+        if attack.name in MEASUREMENTS
         else "the attacked model as a ticket file"
     )
+    if attack.name == "grind":
+        makes += " (and a claim that verifies: STEM.claim.ticket, .cred.json, .secret.json)"
 
     @library_errors
     def run(
@@ -165,12 +168,13 @@ def attack() -> None:
     Removal attacks (fine-tuning, pruning, regrowth, noise, quantisation, weight shifting,
     channel permutation, distillation) write the attacked model; ambiguity attacks write the
     attacker's claim (forge, fake-triggers), or measure how many random keys "verify"
-    (key-search). Every attack is deterministic given --seed. `ticketguard attack NAME --help`
-    lists an attack's parameters.
+    (key-search) and how much work a claim that verifies by chance costs (grind). Every attack
+    is deterministic given --seed. `ticketguard attack NAME --help` lists an attack's parameters.
 
     \b
     Examples:
       ticketguard attack prune signed.ticket --rate 0.5 --out pruned.ticket
       ticketguard attack finetune signed.ticket --mode dense --epochs 5 --out tuned.ticket
       ticketguard attack forge signed.ticket --owner mallory@example.org --out forged.ticket
+      ticketguard attack grind signed.ticket --security-bits 0 --tries 20000000 --out grind.json
     """

@@ -46,9 +46,18 @@ def _print(result: dict[str, Any]) -> None:
                     text += " (not counted for precedence)"
             else:
                 text = "not verified"
+                judged = [e for e in cell["evidence"] if e["judged"] and e["p"] is not None]
+                if judged:
+                    best = min(judged, key=lambda e: e["log10_p"])
+                    text += f" (best {best['name']} p={best['p']}: {best['work']})"
             cells.append(Text(text))
         table.add_row(Text(f"{c['label']} ({c['owner']})"), *cells)
     console.print(table)
+    bits = result["security_bits"]
+    rule = f"p <= 2^-{bits}/m" if bits else f"p < alpha/m (alpha = {result['alpha']:g})"
+    console.print(
+        f"statistical evidence counts at {rule}; a valid signature counts on its own", markup=False
+    )
     for line in result["reasoning"]:
         console.print(f"- {line}", markup=False)
     for note in result["notes"]:
@@ -75,7 +84,16 @@ def _print(result: dict[str, Any]) -> None:
     type=float,
     default=1e-6,
     show_default=True,
-    help="Significance level of each verification (Bonferroni over its evidence).",
+    help="Significance level of each verification (Bonferroni over its evidence); applies "
+    "only with --security-bits 0, to claims proven to predate the models.",
+)
+@click.option(
+    "--security-bits",
+    default=128,
+    show_default=True,
+    type=click.IntRange(0, 4096),
+    help="Statistical evidence counts at p <= 2^-BITS/m, so a claimant who retries needs "
+    "about 2^BITS tries to forge a mark; 0 restores the plain alpha rule.",
 )
 @click.option(
     "--json",
@@ -90,6 +108,7 @@ def dispute(
     claims: tuple[tuple[str, str, str], ...],
     no_blackbox: bool,
     alpha: float,
+    security_bits: int,
     json_out: str | None,
     device: str,
 ) -> None:
@@ -100,7 +119,9 @@ def dispute(
     the thief's, the original only its owner's: the claim whose mark is in every other claimed
     model, while no other mark is in its own, came first. Only marks that cannot be made after
     the fact decide (W2, W3 and generated trigger sets); an imported trigger set is shown but
-    does not count, and credentials' creation times are self-asserted and ignored.
+    does not count, and credentials' creation times are self-asserted and ignored. A party can
+    retry keys and seeds until its mark matches a model by chance, so a p-value counts only at
+    p <= 2^-128/m (--security-bits).
 
     Exit code 0 when one claim is shown to be the original, 1 when the models do not decide,
     2 for bad input.
@@ -126,7 +147,7 @@ def dispute(
             raise click.BadParameter("it is one of the claims' files", param_hint="--json")
     result = run_dispute(
         [Claim(Path(c), Path(s), Path(m)) for c, s, m in claims],
-        config=VerifyConfig(alpha=alpha),
+        config=VerifyConfig(alpha=alpha, security_bits=security_bits),
         blackbox=not no_blackbox,
         device=resolve_device(device),
     )

@@ -90,6 +90,21 @@ force_option = click.option("--force", is_flag=True, help="Replace existing outp
     help="Reed-Solomon parity bytes added to the 64-byte payload.",
 )
 @click.option(
+    "--repetition",
+    default=None,
+    type=click.IntRange(2, 16),
+    help="Mask positions per codeword bit, an even number (default: as many as the ticket's "
+    "size allows; each bit connects half of its positions).",
+)
+@click.option(
+    "--carrier-strength",
+    default=0.75,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Written connections keep at least this quantile of their layer's surviving "
+    "magnitudes, so magnitude pruning does not take them first (0: no floor).",
+)
+@click.option(
     "--recover-epochs",
     default=3,
     show_default=True,
@@ -191,6 +206,8 @@ def sign(
     qr_text: str | None,
     qr_layer: str | None,
     ecc_symbols: int,
+    repetition: int | None,
+    carrier_strength: float,
     recover_epochs: int,
     recover_lr: float,
     recover_from: str,
@@ -264,7 +281,7 @@ def sign(
         if stray:
             raise click.UsageError(f"{stray[0]} belongs to --trigger generate|DIR")
     if scheme.lower() == "qr":
-        stray = given_options(click.get_current_context(), "ecc_symbols")
+        stray = given_options(click.get_current_context(), "ecc_symbols", "repetition")
         if stray:
             raise click.UsageError(f"{stray[0]} belongs to the W2 scheme, not --scheme qr")
     try:
@@ -277,6 +294,8 @@ def sign(
             scheme="W3" if scheme.lower() == "qr" else "W2",
             qr_text=qr_text,
             qr_layer=qr_layer,
+            repetition=repetition,
+            carrier_quantile=carrier_strength,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -304,7 +323,7 @@ def sign(
     else:
         layer_text = ", ".join(f"{layer.name} {layer.bits}" for layer in params.layers)
         click.echo(
-            f"embedded {params.num_bits} bits ({layer_text}); "
+            f"embedded {params.num_bits} bits x {params.repetition} positions ({layer_text}); "
             f"{result.changed_connections} mask entries changed, weight counts unchanged"
         )
     click.echo(

@@ -91,15 +91,19 @@ def _print_human(report: dict[str, Any]) -> None:
     for note in report["notes"]:
         console.print(f"note          {note}", markup=False)
     table = Table(title="evidence")
-    for col in ("evidence", "result", "p-value", "null / check"):
+    for col in ("evidence", "result", "p-value", "forger's work", "null / check"):
         table.add_column(col)
     for ev in report["evidence"]:
         if ev["kind"] == "cryptographic":
             p = "valid" if ev["valid"] else "invalid"
+            work = "cannot be ground"
             null = "Ed25519 signature under the credential's public key"
         else:
-            p, null = ev["p"] or "not judged", ev["null"]
-        table.add_row(Text(ev["name"]), Text(ev["summary"]), Text(p), Text(null))
+            p, work, null = ev["p"] or "not judged", ev["work"] or "-", ev["null"]
+        if not ev.get("judged", True):
+            p += " (not judged)"
+            null += f"; not judged: {ev['not_judged_reason']}"
+        table.add_row(Text(ev["name"]), Text(ev["summary"]), Text(p), Text(work), Text(null))
     if report["evidence"]:
         console.print(table)
     verdict = report["verdict"]
@@ -161,7 +165,16 @@ def _print_human(report: dict[str, Any]) -> None:
     default=1e-6,
     show_default=True,
     type=float,
-    help="Significance level before the Bonferroni correction.",
+    help="Significance level before the Bonferroni correction; applies only with "
+    "--security-bits 0, to a claim proven to predate the suspect.",
+)
+@click.option(
+    "--security-bits",
+    default=128,
+    show_default=True,
+    type=click.IntRange(0, 4096),
+    help="Statistical evidence decides at p <= 2^-BITS/m, so forging it by retrying costs "
+    "about 2^BITS tries; 0 restores the plain alpha rule.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the W1 null.")
 @click.option(
@@ -226,6 +239,7 @@ def verify(
     null_samples: int,
     no_align: bool,
     alpha: float,
+    security_bits: int,
     seed: int,
     blackbox: bool,
     endpoint: str | None,
@@ -248,7 +262,12 @@ def verify(
     Black-box (B1): the credential's trigger set is sent to the suspect and the hits are judged
     against the largest label frequency of the set. The suspect is queried when it is an
     --endpoint URL, a Python callable given as SUSPECT = package.module:function, or a model
-    file with --blackbox (then white-box and black-box evidence are judged together).
+    file with --blackbox (then white-box and black-box evidence are judged together). An
+    imported trigger set is reported but never decides.
+
+    A claimant can retry (new keys, seeds, texts, trigger sets) until a claim matches by chance,
+    so a p-value decides only at p <= 2^-128/m (--security-bits); a valid signature decides on
+    its own. Each p-value is shown with the tries a forger needs to reach it.
     Exit code: 0 verified, 1 not verified, 2 usage or input error (an endpoint that is down,
     too slow or answers garbage included).
 
@@ -305,6 +324,7 @@ def verify(
             seed=seed,
             align=not no_align,
             batch_size=batch_size,
+            security_bits=security_bits,
         )
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--alpha") from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +16,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ticketguard.errors import ConfigError, EmbeddingError
 
 __all__ = [
+    "CONSTANT_BITS",
     "EccParams",
     "KeyedStream",
     "codeword_bits",
     "decode_bits",
+    "decode_soft",
     "embedded_bits",
     "keyed_bytes",
     "keyed_generator",
@@ -30,6 +32,11 @@ __all__ = [
 
 #: Symbols per Reed–Solomon codeword over GF(2^8): payload plus parity never exceed this.
 RS_BLOCK = 255
+#: Codeword bits (most significant first) that are 0 in every Ed25519 signature: its S half is
+#: below the group order L < 2^253 and stored little-endian in payload bytes 32..63, so the top
+#: three bits of byte 63 are 0, and the fourth is set only when S >= 2^252 (probability about
+#: 2^-125). They carry no evidence: a claimant could choose a seed that reads them right.
+CONSTANT_BITS = np.arange(8 * 63, 8 * 63 + 4)
 
 _CODE = "reed-solomon"
 _FIELD = "GF(2^8)"
@@ -255,6 +262,64 @@ def recover_payload(
     ecc: EccParams,
     payload_len: int = 64,
     erasures: np.ndarray | None = None,
+    reliability: np.ndarray | None = None,
+    accept: Callable[[bytes], bool] | None = None,
 ) -> bytes | None:
-    """Un-whiten and decode bits read from a suspect; None when they are beyond correction."""
-    return decode_bits(whiten(read_bits, seed), ecc, payload_len=payload_len, erasures=erasures)
+    """Un-whiten and decode bits read from a suspect; None when they are beyond correction.
+
+    With `reliability` (one number per bit, larger = surer), decoding is generalised minimum
+    distance decoding: when the bits do not decode as read, the least reliable bytes are erased
+    two at a time (an erasure costs the code half what an error does) until a decode succeeds
+    and passes `accept` (e.g. "is a valid signature of the credential's message"), or all
+    `nsym` erasures are spent.
+    """
+    bits = whiten(read_bits, seed)
+    if reliability is None:
+        found = decode_bits(bits, ecc, payload_len=payload_len, erasures=erasures)
+        return found if found is None or accept is None or accept(found) else None
+    if accept is None:
+        raise EmbeddingError("soft decoding needs a check of what it decodes (accept)")
+    return decode_soft(
+        bits, ecc, reliability, erasures=erasures, payload_len=payload_len, accept=accept
+    )
+
+
+def decode_soft(
+    bits: np.ndarray,
+    ecc: EccParams,
+    reliability: np.ndarray,
+    *,
+    accept: Callable[[bytes], bool],
+    erasures: np.ndarray | None = None,
+    payload_len: int = 64,
+) -> bytes | None:
+    """Decode codeword bits with their reliabilities (GMD); None when no attempt is accepted.
+
+    `accept` is required: once about `nsym` bytes are erased, the remaining ones fit *some*
+    codeword whatever they hold (a Reed–Solomon code is MDS), so a decode means nothing until
+    it is checked (an Ed25519 signature of the expected message).
+    """
+    _check_lengths(payload_len, ecc)
+    arr = _as_bits(bits, "bits")
+    n_bytes = payload_len + ecc.nsym
+    rel = np.asarray(reliability, dtype=np.float64)
+    if rel.shape != arr.shape or arr.size != 8 * n_bytes:
+        raise EmbeddingError(f"expected {8 * n_bytes} bits and as many reliabilities")
+    erased = np.zeros(arr.shape, dtype=bool) if erasures is None else np.asarray(erasures, bool)
+    if erased.shape != arr.shape:
+        raise EmbeddingError(f"erasures must have shape {arr.shape}, got {erased.shape}")
+    byte_erased = erased.reshape(-1, 8).any(axis=1)
+    # A byte is as reliable as its least reliable bit.
+    byte_rel = np.where(byte_erased, -np.inf, rel.reshape(-1, 8).min(axis=1))
+    order = [int(i) for i in np.argsort(byte_rel, kind="stable") if not byte_erased[i]]
+    base = int(byte_erased.sum())
+    for extra in range(0, max(ecc.nsym - base, 0) + 1, 2):
+        bit_mask = np.repeat(byte_erased, 8)
+        if extra:
+            more = np.zeros(n_bytes, dtype=bool)
+            more[order[:extra]] = True
+            bit_mask = bit_mask | np.repeat(more, 8)
+        found = decode_bits(arr, ecc, payload_len=payload_len, erasures=bit_mask)
+        if found is not None and accept(found):
+            return found
+    return None

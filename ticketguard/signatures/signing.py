@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ticketguard.errors import ConfigError, EmbeddingError, TicketFormatError
@@ -25,6 +24,8 @@ from ticketguard.signatures.payload import EccParams, embedded_bits
 from ticketguard.signatures.triggers import TriggerSet
 from ticketguard.signatures.w2 import (
     W2Params,
+    Written,
+    carrier_floors,
     eligible_layers,
     keyed_positions,
     plan_embedding,
@@ -89,14 +90,19 @@ class TriggerConfig:
 
 
 SCHEMES = ("W2", "W3")
+#: Written connections keep at least this quantile of their layer's surviving magnitudes.
+CARRIER_QUANTILE = 0.75
 
 
 @dataclass(frozen=True)
 class SignConfig:
     """How a ticket is signed: the scheme and its layers, the code strength, the retraining.
 
-    W2 (default) writes the owner's signature into keyed positions of `layers`; W3 writes a QR
-    code of `qr_text` into a keyed window of one layer (`qr_layer`, else the roomiest).
+    W2 (default) writes the owner's signature into keyed groups of `repetition` positions of
+    `layers` (None: as many as the layers hold, see `w2.plan_embedding`); W3 writes a QR code of
+    `qr_text` into a keyed window of one layer (`qr_layer`, else the roomiest). Either way the
+    written connections keep at least the `carrier_quantile` of their layer's surviving
+    magnitudes through retraining, so magnitude pruning does not take them first.
     """
 
     layers: tuple[str, ...] | None = None
@@ -107,8 +113,25 @@ class SignConfig:
     scheme: str = "W2"
     qr_text: str | None = None
     qr_layer: str | None = None
+    repetition: int | None = None
+    carrier_quantile: float = CARRIER_QUANTILE
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.carrier_quantile < 1.0:
+            raise ConfigError(
+                f"the carrier strength must be a quantile in [0, 1), got {self.carrier_quantile}"
+            )
+        if self.repetition is not None and self.scheme == "W3":
+            raise ConfigError("--repetition belongs to the W2 scheme, not the QR scheme")
+        if self.repetition is not None and (
+            isinstance(self.repetition, bool)
+            or not isinstance(self.repetition, int)
+            or not 2 <= self.repetition <= 16
+            or self.repetition % 2
+        ):
+            raise ConfigError(
+                f"the repetition must be an even number in 2..16, got {self.repetition!r}"
+            )
         if self.scheme not in SCHEMES:
             raise ConfigError(
                 f"the scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}"
@@ -150,14 +173,11 @@ def excluded_layers(ticket: Ticket) -> list[str]:
     return convs[:1] + ([classifier] if classifier else [])
 
 
-def embed_signature(
-    ticket: Ticket, payload: bytes, seed: bytes, params: W2Params
-) -> tuple[Mask, np.ndarray]:
+def embed_signature(ticket: Ticket, payload: bytes, seed: bytes, params: W2Params) -> Written:
     """Return the ticket's mask with the whitened, error-corrected payload written in (pure)."""
     bits = embedded_bits(payload, seed, params.ecc)
     positions = keyed_positions(seed, params)
-    mask = write_bits(ticket.mask, ticket.trained, ticket.rewind, params, positions, bits)
-    return mask, bits
+    return write_bits(ticket.mask, ticket.trained, ticket.rewind, params, positions, bits)
 
 
 @dataclass(frozen=True)
@@ -170,6 +190,8 @@ class Embedding:
     params: W2Params | W3Params
     created: str
     changed_connections: int
+    #: Per layer, the least magnitude each written connection's carrier keeps (0 elsewhere).
+    floors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def embed_owner_signature(
@@ -205,14 +227,18 @@ def embed_owner_signature(
         names = eligible_layers(ticket.mask, excluded_layers(ticket), chosen)
         layer = names[0] if config.qr_layer else choose_layer(ticket.mask, names, symbol.size)
         params = plan_qr(ticket.mask, layer, symbol, seed)
-        mask = write_qr(ticket.mask, ticket.trained, ticket.rewind, params)
+        written = write_qr(ticket.mask, ticket.trained, ticket.rewind, params)
     else:
         chosen = _resolve_layers(ticket, config.layers)
         names = eligible_layers(ticket.mask, excluded_layers(ticket), chosen)
-        params = plan_embedding(ticket.mask, names, EccParams(config.ecc_symbols))
-        mask, _ = embed_signature(ticket, payload, seed, params)
+        params = plan_embedding(
+            ticket.mask, names, EccParams(config.ecc_symbols), config.repetition
+        )
+        written = embed_signature(ticket, payload, seed, params)
+    mask = written.mask
     changed = sum(int((mask[n] != ticket.mask[n]).sum()) for n in mask)
-    return Embedding(mask, payload, seed, params, created, changed)
+    floors = carrier_floors(ticket.trained, ticket.mask, written.carriers, config.carrier_quantile)
+    return Embedding(mask, payload, seed, params, created, changed, floors)
 
 
 def issue_signed(
@@ -249,7 +275,11 @@ def issue_signed(
         fingerprint_before=ticket.fingerprint,
         fingerprint_after=signed.fingerprint,
         architecture={"name": ticket.architecture, "kwargs": ticket.architecture_kwargs},
-        embedding={**embedding.params.to_dict(), "retrain": retrain_config.to_dict()},
+        embedding={
+            **embedding.params.to_dict(),
+            "retrain": retrain_config.to_dict(),
+            "carriers": _carrier_record(embedding.floors),
+        },
         seed=embedding.seed,
         trigger_set=trigger_record,
     )
@@ -314,6 +344,7 @@ def sign_ticket(
         download=download,
         progress=progress,
         mixed=mixed,
+        floors=embedding.floors,
     )
     record = None
     if triggers is not None:
@@ -424,8 +455,16 @@ def sign_without_data(
     signed with `sign_ticket`, whose recovery training keeps its accuracy.
     """
     embedding = embed_owner_signature(ticket, key, config, created=created)
-    trained = starting_state(ticket, embedding.mask, "trained")
+    trained = starting_state(ticket, embedding.mask, "trained", embedding.floors)
     return issue_signed(ticket, key, embedding, trained, RetrainConfig(epochs=0))
+
+
+def _carrier_record(floors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Return what the credential records of the carriers: how many, and each layer's floor."""
+    return {
+        "count": sum(int((f > 0).sum()) for f in floors.values()),
+        "floor": {n: float(f.max()) for n, f in floors.items() if bool((f > 0).any())},
+    }
 
 
 def _nonzero_inside(trained: dict[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:

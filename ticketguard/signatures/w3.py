@@ -5,7 +5,8 @@ error-correction level H, in the smallest version that holds it (a version-v sym
 `17 + 4 v` modules a side: 29 x 29 for version 3, which holds 24 bytes). It is written into a
 square window of one layer's channel-connectivity matrix `A[o, i]`, light module = connected, dark
 module = not connected, at a location drawn from the embedding seed and recorded in the credential.
-Each layer's weight count is restored outside the window exactly as in W2 (`w2.write_bits`).
+Each layer's weight count is restored outside the window exactly as in W2
+(`w2.write_connectivity`), and the connected (light) modules keep strong carriers as W2's do.
 
 Reading it back crops the recorded window (after channel alignment when the owner's ticket is
 at hand), compares the modules that are not fixed function patterns with the symbol, and hands
@@ -24,14 +25,14 @@ import numpy as np
 import torch
 
 from ticketguard.errors import EmbeddingError
-from ticketguard.signatures.payload import EccParams, KeyedStream
+from ticketguard.signatures.payload import KeyedStream
 from ticketguard.signatures.topology import channel_connectivity
 from ticketguard.signatures.w2 import (
     MAX_CONNECTIVITY_ENTRIES,
     MAX_LAYER_FRACTION,
     EmbeddingLayer,
-    W2Params,
-    write_bits,
+    Written,
+    write_connectivity,
 )
 from ticketguard.tickets.mask import Mask
 
@@ -294,11 +295,13 @@ def write_qr(
     trained: Mapping[str, torch.Tensor],
     rewind: Mapping[str, torch.Tensor],
     params: W3Params,
-) -> Mask:
+) -> Written:
     """Return a new mask with the QR code in its window; the layer's weight count is unchanged."""
-    light = (~params.symbol.dark).reshape(-1).astype(np.uint8)
-    carrier = W2Params((params.layer,), EccParams())
-    return write_bits(mask, trained, rewind, carrier, [window_positions(params)], light)
+    light = ~params.symbol.dark.reshape(-1)
+    layer = params.layer
+    return write_connectivity(
+        mask, trained, rewind, [(layer.name, layer.shape, window_positions(params), light)]
+    )
 
 
 def crop_window(mask: Mapping[str, torch.Tensor], params: W3Params) -> np.ndarray | None:

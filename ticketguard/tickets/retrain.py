@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,14 @@ from torch.utils.data import TensorDataset
 from ticketguard.errors import ConfigError, DatasetError
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.ticket import Ticket, load_state
-from ticketguard.tickets.training import ExtraSamples, TrainConfig, derive_seed, evaluate, train
+from ticketguard.tickets.training import (
+    ExtraSamples,
+    TrainConfig,
+    derive_seed,
+    evaluate,
+    floored,
+    train,
+)
 
 STARTS = ("trained", "rewind")
 
@@ -121,8 +128,13 @@ def _train_config(ticket: Ticket, config: RetrainConfig) -> TrainConfig:
     )
 
 
-def starting_state(ticket: Ticket, mask: Mask, start: str) -> dict[str, torch.Tensor]:
-    """Return the weights retraining starts from, with the new mask applied.
+def starting_state(
+    ticket: Ticket,
+    mask: Mask,
+    start: str,
+    floors: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Return the weights retraining starts from, with the new mask (and floors) applied.
 
     From `trained`, entries the new mask switches on take their rewind values (they were zero),
     so they rejoin at initialisation scale; from `rewind`, the ticket restarts like an IMP round.
@@ -136,6 +148,8 @@ def starting_state(ticket: Ticket, mask: Mask, start: str) -> dict[str, torch.Te
             if ticket.rewind and revived.any():
                 state[name][revived] = ticket.rewind[name][revived].to(state[name].dtype)
     mask.apply_(state)
+    for name, floor in (floors or {}).items():
+        state[name] = floored(state[name], floor)
     return state
 
 
@@ -149,11 +163,13 @@ def retrain(
     download: bool = False,
     progress: Callable[[int], None] | None = None,
     mixed: MixedTraining | None = None,
+    floors: Mapping[str, torch.Tensor] | None = None,
 ) -> RetrainResult:
     """Retrain `ticket` under `mask` (fixed) and measure test accuracy before and after.
 
     With `mixed`, its samples join every batch and training runs until they are learnt (see
-    MixedTraining); otherwise it is `config.epochs` of cosine-annealed SGD.
+    MixedTraining); otherwise it is `config.epochs` of cosine-annealed SGD. `floors` (per
+    weight, a least magnitude) are held through the whole retraining (signature carriers).
     """
     from ticketguard.tickets.data import load_data
 
@@ -165,9 +181,11 @@ def retrain(
     )
     model = ticket.build_model().to(device)
     before = evaluate(model, splits.test, device)
-    load_state(model, starting_state(ticket, mask, config.start))
+    load_state(model, starting_state(ticket, mask, config.start, floors))
     if mixed is not None:
-        return _retrain_mixed(ticket, mask, config, mixed, model, splits, device, before, progress)
+        return _retrain_mixed(
+            ticket, mask, config, mixed, model, splits, device, before, progress, floors
+        )
     if config.epochs > 0:
         train(
             model,
@@ -177,6 +195,7 @@ def retrain(
             device=device,
             seed=derive_seed(config.seed, "retrain"),
             progress=progress,
+            floors=floors,
         )
     after = evaluate(model, splits.test, device)
     trained = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -194,6 +213,7 @@ def _retrain_mixed(
     device: torch.device,
     before: float | None,
     progress: Callable[[int], None] | None,
+    floors: Mapping[str, torch.Tensor] | None = None,
 ) -> RetrainResult:
     """Train in cosine cycles of `config.epochs` (warm restarts) until the rule is met.
 
@@ -220,6 +240,7 @@ def _retrain_mixed(
             seed=derive_seed(config.seed, "retrain", "cycle", k),
             progress=progress,
             extra=mixed.samples,
+            floors=floors,
         )
         entry = {
             "epoch": (k + 1) * cycle,

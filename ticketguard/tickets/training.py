@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +130,38 @@ class MaskedParameters:
             param.masked_fill_(pruned, 0.0)
 
 
+class MagnitudeFloor:
+    """Weights that must keep at least a given magnitude, their sign kept (signature carriers)."""
+
+    def __init__(self, model: nn.Module, floors: Mapping[str, torch.Tensor]):
+        params = dict(model.named_parameters())
+        missing = [n for n in floors if n not in params]
+        if missing:
+            raise ConfigError(f"the model has no parameter {missing[0]!r} to keep strong")
+        self.params, self.floors = [], []
+        for name, floor in floors.items():
+            param = params[name]
+            if tuple(floor.shape) != tuple(param.shape):
+                raise ConfigError(
+                    f"{name}: floor shape {tuple(floor.shape)} is not {tuple(param.shape)}"
+                )
+            if bool((floor > 0).any()):
+                self.params.append(param)
+                self.floors.append(floor.to(device=param.device, dtype=param.dtype))
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Raise every weight weaker than its floor to the floor, in place, keeping its sign."""
+        for param, floor in zip(self.params, self.floors, strict=True):
+            param.copy_(floored(param, floor))
+
+
+def floored(weight: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Return `weight` with every entry weaker than its floor raised to it, sign kept (+0 is +)."""
+    floor = floor.to(device=weight.device, dtype=weight.dtype)
+    return torch.where(weight.abs() < floor, torch.copysign(floor, weight), weight)
+
+
 def iterations_per_epoch(dataset_size: int, batch_size: int) -> int:
     """Return the number of optimiser steps in one epoch (partial last batches dropped)."""
     return max(1, dataset_size // batch_size)
@@ -225,6 +257,7 @@ def train(
     dist: DistContext | None = None,
     extra: ExtraSamples | None = None,
     epoch_end: Callable[[int], bool] | None = None,
+    floors: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `model` (already on `device`) from `start_iteration` to the end of the schedule.
 
@@ -235,7 +268,8 @@ def train(
     model should already be wrapped in DistributedDataParallel.
 
     `extra` samples (a trigger set) are appended to every batch. `epoch_end(epoch)` is called
-    after each epoch (0-based) and may return True to stop training there.
+    after each epoch (0-based) and may return True to stop training there. `floors` (per
+    parameter, a least magnitude, 0 where free) are enforced after the mask at every step.
     """
     dist = dist or DistContext.current()
     n = len(dataset)  # type: ignore[arg-type]
@@ -246,6 +280,9 @@ def train(
     core = model.module if hasattr(model, "module") else model
     masked = MaskedParameters(core, mask)
     masked.apply()
+    floor = MagnitudeFloor(core, floors) if floors else None
+    if floor is not None:
+        floor.apply()
 
     optimizer: torch.optim.Optimizer
     if config.optimizer == "sgd":
@@ -294,6 +331,8 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 masked.apply()
+                if floor is not None:
+                    floor.apply()
                 iteration += 1
                 if progress is not None:
                     progress(1)

@@ -3,9 +3,10 @@
 Hidden channels can be permuted without changing what a network computes, which moves every
 position-based signature. The alignment recovers the permutation from the masks alone: one linear
 assignment (Hungarian, scipy's `linear_sum_assignment`) per permutation type of the traced channel
-structure, so channels tied by a residual stream move together. A first pass matches
-permutation-invariant degree profiles; later passes maximise the overlap of surviving entries with
-every other dimension aligned by the current solution, until nothing changes. Embedded signature
+structure, so channels tied by a residual stream move together. Sweeps maximise the overlap of
+surviving entries with every other dimension aligned by the current solution, until nothing
+changes, from two starts: a match of permutation-invariant degree profiles, and the channels as
+they are; the end with the larger overlap is kept. Embedded signature
 positions are left out of the cost so the alignment cannot inflate the match it is used to read.
 """
 
@@ -117,14 +118,40 @@ def align_masks(
     sus = {n: _as_float(suspect[n].bool().cpu()).flatten(2) for n in names}
     types = structure.permutation_types()
     plan = [(members, _terms(structure, members, names)) for members in types]
-    perm = structure.identity()
+    fixed_features = {
+        id(term): _features(term, ref[term.layer.name], np.arange(_other_size(term)))
+        for _, terms in plan
+        for term in terms
+    }
 
-    def other_gather(term: _Term) -> np.ndarray:
+    def other_gather(term: _Term, perm: np.ndarray) -> np.ndarray:
         layer = term.layer
         nodes = layer.in_nodes if term.role == "rows" else layer.out_nodes
         return structure.gather_index(nodes, perm)
 
-    # Pass 0: degree profiles, which no permutation of the other dimension changes.
+    def sweep(perm: np.ndarray) -> int:
+        """Improve `perm` in place, one assignment per permutation type, until it settles."""
+        sweeps, changed = 0, True
+        while changed and sweeps < max_sweeps:
+            sweeps += 1
+            changed = False
+            for members, terms in plan:
+                if not terms:
+                    continue
+                cost = np.zeros((len(members), len(members)))
+                for term in terms:
+                    a = fixed_features[id(term)]
+                    b = _features(term, sus[term.layer.name], other_gather(term, perm))
+                    cost += (a @ b.T).double().numpy()
+                changed |= _assign(perm, members, cost, maximize=True)
+        return sweeps
+
+    def overlap(perm: np.ndarray) -> float:
+        moved = structure.permute_state(sus, perm)
+        return float(sum((ref[n] * moved[n]).sum() for n in names))
+
+    # Start 1: degree profiles, which no permutation of the other dimension changes.
+    profiled = structure.identity()
     for members, terms in plan:
         if not terms:
             continue
@@ -133,27 +160,17 @@ def align_masks(
             a = _features(term, ref[term.layer.name], None)
             b = _features(term, sus[term.layer.name], None)
             cost += torch.cdist(a, b, p=1).double().numpy()
-        _assign(perm, members, cost, maximize=False)
-
-    fixed_features = {
-        id(term): _features(term, ref[term.layer.name], np.arange(_other_size(term)))
-        for _, terms in plan
-        for term in terms
-    }
-    sweeps = 0
-    changed = True
-    while changed and sweeps < max_sweeps:
-        sweeps += 1
-        changed = False
-        for members, terms in plan:
-            if not terms:
-                continue
-            cost = np.zeros((len(members), len(members)))
-            for term in terms:
-                a = fixed_features[id(term)]
-                b = _features(term, sus[term.layer.name], other_gather(term))
-                cost += (a @ b.T).double().numpy()
-            changed |= _assign(perm, members, cost, maximize=True)
+        _assign(profiled, members, cost, maximize=False)
+    profiled_sweeps = sweep(profiled)
+    # Start 2: the channels as they are. The sweeps only climb, so a suspect whose degree
+    # profiles an attack has blurred (overwritten connections) could settle far from where it
+    # started; the better of the two ends is kept, the unmoved one on a tie.
+    unmoved = structure.identity()
+    unmoved_sweeps = sweep(unmoved)
+    if overlap(profiled) > overlap(unmoved):
+        perm, sweeps = profiled, profiled_sweeps
+    else:
+        perm, sweeps = unmoved, unmoved_sweeps
     moved = int((perm != structure.identity()).sum())
     return Alignment(perm, sweeps, moved)
 

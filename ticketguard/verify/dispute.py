@@ -10,6 +10,10 @@ weights at positions fixed by the committed seed (W2, W3) and trigger sets gener
 seed (their labels are drawn by the generator). An *imported* trigger set can be picked after
 a model is released, from inputs the model already labels consistently, so it is shown but
 never counts for precedence. Creation times in credentials are self-asserted and not used.
+
+Each verification judges statistical evidence at the security level (p <= 2^-128/m by default):
+a claimant may retry keys, seeds and texts until its mark matches another model by chance, and
+a mark ground that way (p around 1e-7) must not count as being in that model.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any
 import torch
 
 from ticketguard.errors import ConfigError
-from ticketguard.verify.verification import VerificationReport, VerifyConfig, verify
+from ticketguard.verify.stats import SECURITY_BITS, format_p
+from ticketguard.verify.verification import VerificationReport, VerifyConfig, rule_note, verify
 
 #: Evidence names whose verdict can establish precedence (besides generated trigger sets).
 EMBEDDED = ("W2 bits", "W2 payload", "W3 QR")
@@ -51,6 +56,8 @@ class DisputeResult:
     notes: list[str] = field(default_factory=list)
     #: One line: which claim came first, or why none can be named.
     decision: str = ""
+    #: The security level every verification judged statistical evidence at (0: alpha/m).
+    security_bits: int = SECURITY_BITS
 
     def to_dict(self) -> dict[str, Any]:
         """Return the whole result as JSON-safe data."""
@@ -62,6 +69,7 @@ class DisputeResult:
             "decision": self.decision,
             "reasoning": self.reasoning,
             "alpha": self.alpha,
+            "security_bits": self.security_bits,
             "notes": self.notes,
         }
 
@@ -115,10 +123,15 @@ def _cell(report: VerificationReport, info: dict[str, Any]) -> dict[str, Any]:
     evidence = [
         {
             "name": e.name,
+            "kind": e.kind,
             "summary": e.summary,
             "log10_p": e.log10_p,
             "p": e.p_text,
+            "work_log2": e.work_log2,
+            "work": e.work_text,
             "valid": e.valid,
+            "judged": e.judged,
+            "not_judged_reason": e.not_judged_reason,
         }
         for e in report.evidences
     ]
@@ -130,30 +143,72 @@ def _cell(report: VerificationReport, info: dict[str, Any]) -> dict[str, Any]:
         "reason": report.verdict.reason,
         "problems": list(report.problems),
         "evidence": evidence,
+        "security_bits": report.verdict.security_bits,
+        "threshold_log10": report.verdict.threshold_log10,
+        "tests": report.verdict.tests,
     }
 
 
+def _level(cell: dict[str, Any]) -> str:
+    """Return the threshold a cell's statistical evidence was judged at, as text."""
+    bits, m = cell["security_bits"], cell["tests"]
+    shown = format_p(cell["threshold_log10"])
+    if bits:
+        return f"the {bits}-bit security level 2^-{bits}/m = {shown} (m={m})"
+    return f"alpha/m = {shown} (m={m})"
+
+
 def _strongest(cell: dict[str, Any]) -> str:
-    """Return the counted evidence of a cell with its p-values, as text."""
+    """Return the counted evidence of a cell with its p-values and why each counts, as text."""
     parts = []
     for e in cell["evidence"]:
         if e["name"] not in cell["precedence_evidence"]:
             continue
-        parts.append(f"{e['name']} p = {e['p']}" if e["p"] is not None else f"{e['name']} valid")
+        if e["p"] is not None:
+            parts.append(f"{e['name']} p = {e['p']}, within {_level(cell)}")
+        else:
+            parts.append(f"{e['name']} valid (a signature: it cannot be ground)")
     return ", ".join(parts) or "no evidence"
 
 
-def _absent(cell: dict[str, Any]) -> str:
-    """Return why a cell carries no counted mark: its evidence with p-values, as text."""
+def _absent(cell: dict[str, Any], claimant: str, model: str) -> str:
+    """Say, evidence by evidence, why a cell carries no mark of `claimant` that counts in `model`.
+
+    `model` names the model read ("alice's model", "its own model")."""
     parts = []
     for e in cell["evidence"]:
-        if e["p"] is not None:
-            parts.append(f"{e['name']} p = {e['p']}")
+        what = f"{claimant}'s {e['name']}"
+        if not e["judged"]:
+            shown = f" p = {e['p']}" if e["p"] is not None else ""
+            parts.append(f"{what}{shown} in {model} does not count: {e['not_judged_reason']}")
+        elif e["p"] is not None:
+            if e["name"] in cell["decisive"]:
+                parts.append(
+                    f"{what} p = {e['p']} in {model} verifies but does not count for precedence"
+                )
+            elif _within(e["log10_p"], cell):
+                parts.append(f"{what} p = {e['p']} in {model} is within {_level(cell)}")
+            elif cell["security_bits"]:
+                parts.append(
+                    f"{what} p = {e['p']} in {model} does not count: above {_level(cell)}; a "
+                    f"claimant who can retry reaches it in about {e['work']}"
+                )
+            else:
+                parts.append(
+                    f"{what} p = {e['p']} in {model} does not count: not below {_level(cell)}"
+                )
         elif e["valid"] is not None:
-            parts.append(f"{e['name']} {'valid' if e['valid'] else 'invalid'}")
-    if cell["verified"] and not cell["precedence"]:
-        parts.append("verified only by evidence that does not count for precedence")
-    return ", ".join(parts) or "; ".join(cell["problems"]) or "no evidence read"
+            parts.append(f"{what} in {model}: {'valid' if e['valid'] else 'invalid'}")
+    if cell["problems"]:
+        parts.append("the claim does not count: " + "; ".join(cell["problems"]))
+    return "; ".join(parts) or f"no evidence of {claimant} read from {model}"
+
+
+def _within(log10_p: float, cell: dict[str, Any]) -> bool:
+    """Return whether a p-value reaches the cell's threshold under its rule."""
+    if cell["security_bits"]:
+        return log10_p <= cell["threshold_log10"]
+    return log10_p < cell["threshold_log10"]
 
 
 def dispute(
@@ -213,8 +268,11 @@ def dispute(
             )
             row.append(_cell(report, infos[i]))
         matrix.append(row)
+    notes.append(rule_note(config))
     winner, reasoning, decision = _decide(infos, matrix)
-    return DisputeResult(infos, matrix, winner, reasoning, config.alpha, notes, decision)
+    return DisputeResult(
+        infos, matrix, winner, reasoning, config.alpha, notes, decision, config.security_bits
+    )
 
 
 def _decide(
@@ -241,7 +299,8 @@ def _decide(
         if not marks[i][i]:
             reasoning.append(
                 f"{name[i]}: its own model does not carry its mark by evidence that cannot be "
-                f"made after the fact ({_absent(matrix[i][i])}); it cannot win"
+                f"made after the fact ({_absent(matrix[i][i], name[i], 'its own model')}); "
+                "it cannot win"
             )
     eligible = [i for i in range(n) if infos[i]["valid"] and marks[i][i]]
     originals = [
@@ -264,7 +323,8 @@ def _decide(
         for k in range(n):
             if k != w:
                 reasoning.append(
-                    f"{name[k]}'s mark is not in {name[w]}'s model ({_absent(matrix[k][w])})"
+                    f"{name[k]}'s mark is not in {name[w]}'s model: "
+                    + _absent(matrix[k][w], name[k], f"{name[w]}'s model")
                 )
         reasoning.append(
             f"no other claim's mark is in {name[w]}'s model: it carries only its owner's mark, "

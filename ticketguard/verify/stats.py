@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +20,12 @@ __all__ = [
     "Evidence",
     "Verdict",
     "binomial_log10_tail",
+    "check_security_bits",
     "empirical_p",
     "format_p",
+    "format_work",
     "judge",
+    "security_threshold_log10",
     "normal_log10_tail",
 ]
 
@@ -35,6 +39,12 @@ _LOG10_P_SLACK = 1e-9
 
 STATISTICAL = "statistical"
 CRYPTOGRAPHIC = "cryptographic"
+
+#: The default security level: grinding a statistical claim to a match costs about 2^128 tries.
+SECURITY_BITS = 128
+#: The largest security level accepted (2^-4096 is far below any p-value a test can reach).
+MAX_SECURITY_BITS = 4096
+_LOG10_2 = math.log10(2.0)
 
 
 def _as_count(value: Any, name: str) -> int:
@@ -162,6 +172,40 @@ def format_p(log10_p: float) -> str:
     return f"{p:.1e}"
 
 
+def format_work(work_log2: float) -> str:
+    """Format a forger's work, given as log2 of its tries, for people: '2^25 tries'."""
+    x = float(work_log2)
+    if math.isnan(x) or x < 0:
+        raise ValueError(f"work_log2 must be >= 0, got {work_log2!r}")
+    if x == math.inf:
+        # p = 0, shown by format_p as '< 1e-308' (about 2^-1023).
+        return "more than 2^1023 tries"
+    return f"2^{x + 0.0:.0f} tries"  # + 0.0 turns -0.0 into 0.0
+
+
+def check_security_bits(value: Any) -> int:
+    """Return `value` as a security level in bits (an int in 0..4096), or raise ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(
+            f"security_bits must be an integer in 0..{MAX_SECURITY_BITS}, got {value!r}"
+        )
+    bits = int(value)
+    if not 0 <= bits <= MAX_SECURITY_BITS:
+        raise ConfigError(f"security_bits must be in 0..{MAX_SECURITY_BITS}, got {bits}")
+    return bits
+
+
+def security_threshold_log10(security_bits: int, m: int) -> float:
+    """Return log10(2^-security_bits / m), the security level's threshold over m tests (m >= 1)."""
+    bits = check_security_bits(security_bits)
+    m = max(_as_count(m, "m"), 1)
+    value = math.ldexp(1.0, -bits) / m
+    if value >= sys.float_info.min:
+        # Computed as the number itself, so a p-value of exactly 2^-s / m sits on the threshold.
+        return math.log10(value)
+    return -bits * _LOG10_2 - math.log10(m)
+
+
 def _json_safe(value: Any) -> Any:
     """Return `value` as plain JSON types; non-finite floats become strings like '-inf'."""
     if isinstance(value, np.ndarray):
@@ -191,6 +235,10 @@ class Evidence:
     null: str = ""
     valid: bool | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    #: False for evidence that is reported but never decides and does not count in m.
+    judged: bool = True
+    #: Why the evidence is not judged (one line); empty exactly when it is judged.
+    not_judged_reason: str = ""
 
     def __post_init__(self) -> None:
         """Check that the fields fit the kind of evidence."""
@@ -198,6 +246,14 @@ class Evidence:
             raise ValueError("evidence needs a name")
         if "\n" in self.summary:
             raise ValueError(f"evidence {self.name!r}: the summary must be one line")
+        if not isinstance(self.judged, bool):
+            raise ValueError(f"evidence {self.name!r}: judged must be True or False")
+        if self.judged and self.not_judged_reason:
+            raise ValueError(f"evidence {self.name!r} is judged, so it has no not_judged_reason")
+        if not self.judged and not self.not_judged_reason.strip():
+            raise ValueError(f"evidence {self.name!r} is not judged: say why (not_judged_reason)")
+        if "\n" in self.not_judged_reason:
+            raise ValueError(f"evidence {self.name!r}: the not_judged_reason must be one line")
         if self.kind == STATISTICAL:
             if self.valid is not None:
                 raise ValueError(f"statistical evidence {self.name!r} cannot carry 'valid'")
@@ -225,23 +281,47 @@ class Evidence:
         """Return the p-value formatted for people, or None when there is none."""
         return None if self.log10_p is None else format_p(self.log10_p)
 
+    @property
+    def work_log2(self) -> float | None:
+        """Return log2 of the tries a claimant who retries needs to reach this p (about 1/p)."""
+        if self.log10_p is None:
+            return None
+        work = -self.log10_p / _LOG10_2
+        return work if work > 0.0 else 0.0  # never -0.0, which would print as 2^-0
+
+    @property
+    def work_text(self) -> str | None:
+        """Return the forger's work to reach this p-value for people ('2^25 tries'), or None."""
+        work = self.work_log2
+        return None if work is None else format_work(work)
+
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-safe dict of this evidence, with 'p' formatted for people."""
+        """Return a JSON-safe dict of this evidence, with 'p' and 'work' formatted for people."""
         return {
             "name": self.name,
             "kind": self.kind,
             "summary": self.summary,
             "log10_p": _json_safe(self.log10_p),
             "p": self.p_text,
+            "work_log2": _json_safe(self.work_log2),
+            "work": self.work_text,
             "null": self.null,
             "valid": self.valid,
+            "judged": self.judged,
+            "not_judged_reason": self.not_judged_reason,
             "details": _json_safe(self.details),
         }
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The decision over all evidence, with the threshold used and the evidence that decided it."""
+    """The decision over all evidence, with the rule and threshold used and what decided it.
+
+    `security_bits > 0`: statistical evidence decides when p <= 2^-security_bits / m, so that a
+    claimant who retries needs about 2^security_bits tries to forge it. `security_bits == 0`:
+    the plain significance rule p < alpha / m, valid only for a claim committed before the
+    suspect existed. `tests` is m, the number of judged statistical evidences.
+    """
 
     verified: bool
     alpha: float
@@ -249,67 +329,123 @@ class Verdict:
     tests: int
     decisive: list[str]
     reason: str
+    security_bits: int = SECURITY_BITS
+    #: Evidence reported but never judged (an imported trigger set), in the order given.
+    not_judged: list[str] = field(default_factory=list)
+
+    @property
+    def rule(self) -> str:
+        """Return the decision rule for statistical evidence, as text."""
+        if self.security_bits:
+            return f"p <= 2^-{self.security_bits}/m"
+        return "p < alpha/m"
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-safe dict of this verdict."""
         return {
             "verified": self.verified,
             "alpha": self.alpha,
+            "security_bits": self.security_bits,
+            "rule": self.rule,
             "threshold_log10": _json_safe(self.threshold_log10),
+            "threshold": format_p(self.threshold_log10),
             "tests": self.tests,
             "decisive": list(self.decisive),
+            "not_judged": list(self.not_judged),
             "reason": self.reason,
         }
 
 
-def judge(evidences: Sequence[Evidence], alpha: float = 1e-6) -> Verdict:
-    """Decide ownership: Bonferroni over the statistical evidences, or any valid signature."""
+def _passes(evidence: Evidence, threshold_log10: float, security_bits: int) -> bool:
+    """Return whether judged statistical evidence reaches the threshold under the rule in use."""
+    if not evidence.judged or evidence.kind != STATISTICAL or evidence.log10_p is None:
+        return False
+    if security_bits:
+        return evidence.log10_p <= threshold_log10
+    return evidence.log10_p < threshold_log10
+
+
+def judge(
+    evidences: Sequence[Evidence], alpha: float = 1e-6, security_bits: int = SECURITY_BITS
+) -> Verdict:
+    """Decide ownership: statistical evidence at the security level (Bonferroni), or a signature.
+
+    A claimant may retry (new key, seed, creation text, trigger set) until some claim matches by
+    chance, so with `security_bits > 0` a p-value decides only at p <= 2^-security_bits / m;
+    `security_bits=0` applies p < alpha / m, which holds only for a claim proven to predate the
+    suspect. A valid signature decides on its own. Evidence with `judged=False` is named in the
+    reason but never decides and does not count in m.
+    """
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise ConfigError(f"alpha must be a number in (0, 1), got {alpha!r}")
     alpha = float(alpha)
     if not (math.isfinite(alpha) and 0.0 < alpha < 1.0):
         raise ConfigError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+    security_bits = check_security_bits(security_bits)
     evidences = list(evidences)
     for ev in evidences:
         if not isinstance(ev, Evidence):
             raise TypeError(f"judge takes Evidence objects, got {type(ev).__name__}")
 
-    tested = [ev for ev in evidences if ev.kind == STATISTICAL and ev.log10_p is not None]
+    tested = [
+        ev for ev in evidences if ev.judged and ev.kind == STATISTICAL and ev.log10_p is not None
+    ]
     m = len(tested)
-    threshold_log10 = math.log10(alpha / max(m, 1))
-    bound = f"alpha/m = {alpha / max(m, 1):.3g} (m={m})"
-    crypto = [ev for ev in evidences if ev.kind == CRYPTOGRAPHIC]
+    if security_bits:
+        threshold_log10 = security_threshold_log10(security_bits, m)
+        passed, missed = f"<= 2^-{security_bits}/m (m={m})", "at or below"
+        bound_value = f"2^-{security_bits}/m = {format_p(threshold_log10)} (m={m})"
+    else:
+        threshold_log10 = math.log10(alpha / max(m, 1))
+        bound_value = f"alpha/m = {alpha / max(m, 1):.3g} (m={m})"
+        passed, missed = f"< {bound_value}", "below"
+    crypto = [ev for ev in evidences if ev.judged and ev.kind == CRYPTOGRAPHIC]
+    unjudged = [ev for ev in evidences if not ev.judged]
+    unjudged_text = [
+        f"{ev.name}"
+        + (f" p = {ev.p_text}" if ev.log10_p is not None else "")
+        + f" is not judged ({ev.not_judged_reason})"
+        for ev in unjudged
+    ]
 
-    if not evidences:
+    def verdict(verified: bool, decisive: list[str], reason: str) -> Verdict:
         return Verdict(
-            verified=False,
+            verified=verified,
             alpha=alpha,
             threshold_log10=threshold_log10,
-            tests=0,
-            decisive=[],
-            reason="not verified: no evidence was given",
+            tests=m,
+            decisive=decisive,
+            reason=reason,
+            security_bits=security_bits,
+            not_judged=[ev.name for ev in unjudged],
         )
 
-    # Strict '<' is the test; the order of `decisive` follows the order evidence was given in.
+    if not evidences:
+        return verdict(False, [], "not verified: no evidence was given")
+
+    # The order of `decisive` follows the order evidence was given in.
     decisive_ev = [
         ev
         for ev in evidences
-        if (ev.kind == STATISTICAL and ev.log10_p is not None and ev.log10_p < threshold_log10)
-        or (ev.kind == CRYPTOGRAPHIC and ev.valid is True)
+        if _passes(ev, threshold_log10, security_bits)
+        or (ev.judged and ev.kind == CRYPTOGRAPHIC and ev.valid is True)
     ]
     if decisive_ev:
         parts = [
-            f"{ev.name} p = {ev.p_text} < {bound}"
+            f"{ev.name} p = {ev.p_text} {passed}"
             if ev.kind == STATISTICAL
             else f"{ev.name} signature valid"
             for ev in decisive_ev
         ]
-        reason = "verified: " + "; ".join(parts)
+        reason = "verified: " + "; ".join(parts + unjudged_text)
     else:
         parts = []
         if tested:
-            best = min(tested, key=lambda ev: ev.log10_p)
-            parts.append(f"no evidence below {bound}, smallest {best.name} p = {best.p_text}")
+            best = min(tested, key=lambda ev: ev.log10_p)  # type: ignore[arg-type, return-value]
+            parts.append(
+                f"no evidence {missed} {bound_value}, smallest {best.name} p = {best.p_text}"
+                + (f" (a forger reaches it in about {best.work_text})" if security_bits else "")
+            )
         else:
             parts.append("no statistical evidence with a p-value")
         for ev in crypto:
@@ -317,12 +453,5 @@ def judge(evidences: Sequence[Evidence], alpha: float = 1e-6) -> Verdict:
             parts.append(f"{ev.name} signature {state}")
         if not crypto:
             parts.append("no cryptographic evidence")
-        reason = "not verified: " + "; ".join(parts)
-    return Verdict(
-        verified=bool(decisive_ev),
-        alpha=alpha,
-        threshold_log10=threshold_log10,
-        tests=m,
-        decisive=[ev.name for ev in decisive_ev],
-        reason=reason,
-    )
+        reason = "not verified: " + "; ".join(parts + unjudged_text)
+    return verdict(bool(decisive_ev), [ev.name for ev in decisive_ev], reason)

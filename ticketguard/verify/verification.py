@@ -20,7 +20,7 @@ import torch
 from ticketguard.errors import ArchitectureError, ConfigError, EmbeddingError, TriggerSetError
 from ticketguard.signatures.credential import Credential, message_of, payload_of, read_credential
 from ticketguard.signatures.keys import OwnerKey, PublicKey
-from ticketguard.signatures.payload import EccParams, embedded_bits, recover_payload
+from ticketguard.signatures.payload import embedded_bits, recover_payload
 from ticketguard.signatures.structure import ChannelStructure
 from ticketguard.signatures.triggers import (
     MAX_TRIGGERS,
@@ -28,7 +28,13 @@ from ticketguard.signatures.triggers import (
     TriggerSet,
     generate_triggers,
 )
-from ticketguard.signatures.w2 import W2Params, keyed_positions, position_matrices, read_bits
+from ticketguard.signatures.w2 import (
+    W2Params,
+    keyed_positions,
+    observed_magnitudes,
+    position_matrices,
+    read_groups,
+)
 from ticketguard.signatures.w3 import SCHEME as W3_SCHEME
 from ticketguard.signatures.w3 import W3Params, keyed_window, read_qr, window_positions
 from ticketguard.tickets.loading import LoadedCheckpoint, load_checkpoint
@@ -38,9 +44,11 @@ from ticketguard.verify.alignment import Alignment, align_masks, mask_overlap
 from ticketguard.verify.blackbox import Suspect, query_labels
 from ticketguard.verify.recovery import recover_mask
 from ticketguard.verify.stats import (
+    SECURITY_BITS,
     Evidence,
     Verdict,
     binomial_log10_tail,
+    check_security_bits,
     empirical_p,
     judge,
     normal_log10_tail,
@@ -50,17 +58,24 @@ from ticketguard.verify.stats import (
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    """Verification settings: significance level, W1 null size and seed, alignment, batching."""
+    """Verification settings: security level and significance level, W1 null, alignment, batching.
+
+    Statistical evidence decides at p <= 2^-security_bits / m (a claimant who retries needs
+    about 2^security_bits tries to forge it); `security_bits=0` restores p < alpha / m, which
+    holds only for a claim proven to predate the suspect.
+    """
 
     alpha: float = 1e-6
     null_samples: int = 50
     seed: int = 0
     align: bool = True
     batch_size: int = 64
+    security_bits: int = SECURITY_BITS
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 1:
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
+        check_security_bits(self.security_bits)
         if self.null_samples < 2:
             raise ConfigError(f"the W1 null needs at least 2 samples, got {self.null_samples}")
         if self.batch_size < 1:
@@ -301,12 +316,19 @@ def verify(
     alignment_info = None
     w1_info = None
     read_mask: Mapping[str, torch.Tensor] = mask
+    # W2 reads the suspect's magnitudes (soft information), not only its mask.
+    magnitudes = (
+        observed_magnitudes(loaded.state, loaded.mask, params.layer_names)
+        if isinstance(params, W2Params)
+        else {}
+    )
     if ref is not None:
         check_layers(loaded.path, mask, ref.mask, list(ref.mask))
         structure = _structure_of(ref)
         names = list(ref.mask)
         if config.align:
             read_mask, alignment = aligned_to(ref, mask, exclude, structure)
+            magnitudes = alignment.apply(structure, magnitudes)
             alignment_info = {"moved_channels": alignment.moved, "sweeps": alignment.sweeps}
         w1_evidence, w1_info = _w1(
             structure, ref, read_mask, names, exclude, null_tickets, counts, config
@@ -318,7 +340,7 @@ def verify(
             evidences.append(_w3(params, read_mask))
         else:
             pinned = key is not None or public_key is not None
-            evidences += _w2(checked.credential, params, seed, positions or [], read_mask, pinned)
+            evidences += _w2(checked.credential, params, seed, positions or [], magnitudes, pinned)
     return _report(
         loaded,
         evidences + black,
@@ -345,7 +367,7 @@ def _report(
     w1_info: dict[str, Any] | None,
     blackbox_info: dict[str, Any] | None,
 ) -> VerificationReport:
-    verdict = judge(evidences, config.alpha)
+    verdict = judge(evidences, config.alpha, config.security_bits)
     if problems:
         # A credential that fails its own checks discredits the claim made with it, whatever
         # else the suspect shows; the other evidence is still reported.
@@ -356,7 +378,10 @@ def _report(
             tests=verdict.tests,
             decisive=[],
             reason="not verified: " + "; ".join(problems),
+            security_bits=verdict.security_bits,
+            not_judged=list(verdict.not_judged),
         )
+    notes = [*notes, rule_note(config)]
     if loaded is not None:
         suspect_info = {
             "path": str(loaded.path),
@@ -380,7 +405,28 @@ def _report(
     )
 
 
+def rule_note(config: VerifyConfig) -> str:
+    """Say which rule judged the statistical evidence and what alpha means (one line)."""
+    if config.security_bits:
+        return (
+            f"alpha ({config.alpha:g}) applies only to a claim proven to predate the suspect; "
+            "ticketguard has no proof of time yet, so statistical evidence is judged at the "
+            f"{config.security_bits}-bit security level (p <= 2^-{config.security_bits}/m: a "
+            f"claimant who retries needs about 2^{config.security_bits} tries to forge it)"
+        )
+    return (
+        f"statistical evidence is judged at alpha/m (alpha = {config.alpha:g}, security level "
+        "off): valid only for a claim proven to predate the suspect, which ticketguard cannot "
+        "prove yet; a claimant who can retry reaches a p-value p in about 1/p tries"
+    )
+
+
 B1_NAME = "B1 triggers"
+#: Why an imported trigger set is reported but never judged.
+IMPORTED_NOT_JUDGED = (
+    "an imported trigger set may have been chosen from the suspect's own behaviour, and nothing "
+    "proves it was committed before the suspect existed: reported, never decisive"
+)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -553,6 +599,8 @@ def _b1(
             )
         ),
         details=info,
+        judged=triggers.source == "generated",
+        not_judged_reason="" if triggers.source == "generated" else IMPORTED_NOT_JUDGED,
     )
     return evidence, info
 
@@ -594,8 +642,7 @@ def _reference_positions(
     ]
     if not kept:
         return {}
-    sub = W2Params(tuple(layer for layer, _ in kept), EccParams())
-    return position_matrices(sub, [pos for _, pos in kept])
+    return position_matrices([layer for layer, _ in kept], [pos for _, pos in kept])
 
 
 def _w2(
@@ -603,42 +650,65 @@ def _w2(
     params: W2Params,
     seed: bytes,
     positions: Sequence[np.ndarray],
-    mask: Mapping[str, torch.Tensor],
+    magnitudes: Mapping[str, torch.Tensor],
     pinned: bool,
 ) -> list[Evidence]:
     doc = credential.document or {}
     payload = payload_of(doc)
     expected = embedded_bits(payload, seed, params.ecc)
-    bits, readable = read_bits(mask, params, positions)
-    n = int(readable.sum())
-    k = int(((bits == expected) & readable).sum())
+    reading = read_groups(magnitudes, params, positions)
+    k, n = reading.matches(expected)
     log10_p = binomial_log10_tail(n, k, 0.5) if n else 0.0
-    missing = len(bits) - n
-    summary = f"{k}/{n} embedded bits match" + (f" ({missing} unreadable)" if missing else "")
+    erased = len(expected) - reading.decided
+    summary = (
+        f"{k}/{n} read bits match ({erased} of {len(expected)} erased; "
+        f"{params.repetition} replicas per bit)"
+    )
     bits_evidence = Evidence(
         name="W2 bits",
         kind="statistical",
         summary=summary,
         log10_p=log10_p,
-        null="Binomial(n, 1/2): each bit matches by chance",
-        details={"matched": k, "bits": n, "unreadable": missing},
+        null=(
+            "Binomial(n, 1/2) over the n groups read: which replicas a bit connects is set by the "
+            "keyed whitening alone, so each group read from an unrelated model matches by chance "
+            "(the 4 codeword bits every signature shares are not counted)"
+        ),
+        details={
+            "matched": k,
+            "bits": n,
+            "erased": erased,
+            "repetition": params.repetition,
+            "missing_layers": list(reading.unreadable_layers),
+        },
     )
-    decoded = recover_payload(bits, seed, params.ecc, erasures=~readable)
     public = credential.public_key
-    valid = bool(
-        decoded is not None and public is not None and public.verify(decoded, message_of(doc))
+    message = message_of(doc)
+
+    def signed(found: bytes) -> bool:
+        return public is not None and public.verify(found, message)
+
+    decoded = recover_payload(
+        reading.bits,
+        seed,
+        params.ecc,
+        erasures=reading.erased,
+        reliability=reading.margin,
+        accept=signed,
     )
+    valid = decoded is not None
     if decoded is None:
-        summary = "the bits do not decode (too many errors for the Reed-Solomon code)"
-    elif valid and pinned:
+        summary = (
+            "the bits do not decode to a valid signature of the credential's message "
+            "(too many errors and erasures for the Reed-Solomon code)"
+        )
+    elif pinned:
         summary = f"the decoded payload is {doc.get('owner')}'s valid Ed25519 signature"
-    elif valid:
+    else:
         summary = (
             "the decoded payload is a valid Ed25519 signature by the credential's key "
             f"(claimed owner {doc.get('owner')!r}, identity not checked)"
         )
-    else:
-        summary = "the decoded payload is not a valid signature of the credential's message"
     payload_evidence = Evidence(
         name="W2 payload",
         kind="cryptographic",
