@@ -130,6 +130,26 @@ def test_fake_triggers_are_labelled_by_the_model_and_claimed_as_imported(owner):
         run_attack("fake-triggers", stolen, {"size": 50, "candidates": 10}, context=CPU)
 
 
+def test_a_fake_trigger_claim_is_not_verified_by_verify(owner, tmp_path):
+    """The stolen model answers the fake set perfectly (a tiny p-value), but an imported set may
+    have been chosen from the suspect's own answers: reported, never judged, not verified."""
+    out = tmp_path / "fake.ticket"
+    args = ["attack", "fake-triggers", owner["ticket"], "--out", out, "--size", 60]
+    result = invoke([*args, "--candidates", 600, "--recover-epochs", 0])
+    assert result.exit_code == 0, result.output
+    claim = ["--credential", out.with_name("fake.cred.json")]
+    claim += ["--reveal", out.with_name("fake.secret.json")]
+    for rule in ([], ["--security-bits", 0]):
+        verdict = invoke(["verify", owner["ticket"], "--blackbox", *claim, *rule, "--json"])
+        assert verdict.exit_code == 1, verdict.output
+        report = json.loads(verdict.output)
+        b1 = next(e for e in report["evidence"] if e["name"] == "B1 triggers")
+        assert b1["log10_p"] < -20 and b1["judged"] is False
+        assert "chosen from the suspect's own behaviour" in b1["not_judged_reason"]
+        assert report["verdict"]["verified"] is False
+        assert report["verdict"]["not_judged"] == ["B1 triggers"]
+
+
 # --- overwrite -----------------------------------------------------------------------------------
 
 

@@ -92,7 +92,7 @@ def test_write_qr_keeps_counts_and_draws_the_code(make_ticket) -> None:
 
 
 def test_light_modules_are_strong_carriers_after_signing(make_ticket) -> None:
-    """Every connected (light) module has a carrier that signing holds at the layer's 0.75
+    """Every connected (light) module has a carrier that signing holds at the layer's 0.9
     quantile, so magnitude pruning reaches the code last."""
     ticket = _ticket(make_ticket)
     params = plan_qr(ticket.mask, "conv3.weight", make_symbol(TEXT), b"\x02" * 32)
@@ -104,7 +104,7 @@ def test_light_modules_are_strong_carriers_after_signing(make_ticket) -> None:
     config = SignConfig(scheme="W3", qr_text=TEXT, qr_layer="conv3.weight")
     result = sign_without_data(ticket, generate_key("alice@example.org"), config)
     level = torch.quantile(
-        ticket.trained["conv3.weight"][ticket.mask["conv3.weight"]].abs().float(), 0.75
+        ticket.trained["conv3.weight"][ticket.mask["conv3.weight"]].abs().float(), 0.9
     )
     signed = result.ticket.trained["conv3.weight"].reshape(-1)
     window = window_positions(result.params)

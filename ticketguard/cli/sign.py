@@ -98,7 +98,7 @@ force_option = click.option("--force", is_flag=True, help="Replace existing outp
 )
 @click.option(
     "--carrier-strength",
-    default=0.75,
+    default=0.9,
     show_default=True,
     type=click.FloatRange(0, 1, max_open=True),
     help="Written connections keep at least this quantile of their layer's surviving "

@@ -91,7 +91,7 @@ class TriggerConfig:
 
 SCHEMES = ("W2", "W3")
 #: Written connections keep at least this quantile of their layer's surviving magnitudes.
-CARRIER_QUANTILE = 0.75
+CARRIER_QUANTILE = 0.9
 
 
 @dataclass(frozen=True)
