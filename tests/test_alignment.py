@@ -235,3 +235,21 @@ def test_alignment_never_ends_worse_than_the_channels_as_they_are(seed: int) -> 
     alignment = align_masks(structure, reference, blurred)
     aligned = alignment.apply(structure, blurred)
     assert mask_overlap(reference, aligned, names) >= mask_overlap(reference, blurred, names)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_pruned_copy_whose_written_connections_survive_is_not_moved(seed: int) -> None:
+    """Pruning keeps the strong written connections (at the excluded positions) and removes
+    most other entries: the copy is a subset of the reference and must stay where it is. Counting
+    its written connections for the suspect alone would pay the alignment for moving them off
+    the positions, and channels left with nothing would be shuffled at random."""
+    structure, shapes = _setup("digits_cnn")
+    reference = _random_mask(shapes, 0.1, seed=seed)
+    exclude = _random_exclude(shapes, 0.2, seed=10 + seed)
+    gen = torch.Generator().manual_seed(20 + seed)
+    pruned = {
+        n: m & (_expand(exclude[n], m) | (torch.rand(m.shape, generator=gen) < 0.3))
+        for n, m in reference.items()
+    }
+    alignment = align_masks(structure, reference, pruned, exclude=exclude)
+    assert alignment.moved == 0

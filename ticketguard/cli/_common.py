@@ -66,6 +66,15 @@ data_dir_option = click.option(
 arch_arg_option = click.option(
     "--arch-arg", multiple=True, metavar="KEY=VALUE", help="Extra keyword for the model factory."
 )
+#: The security level of `verify` and `dispute` (verify/stats.py: SECURITY_BITS, MAX_SECURITY_BITS).
+security_bits_option = click.option(
+    "--security-bits",
+    default=128,
+    show_default=True,
+    type=click.IntRange(0, 4096),
+    help="Statistical evidence decides only at p <= 2^-BITS/m, so forging it by retrying "
+    "costs about 2^BITS tries; 0 restores the plain alpha rule.",
+)
 passphrase_option = click.option(
     "--passphrase-file",
     type=click.Path(dir_okay=False),

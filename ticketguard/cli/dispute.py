@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ticketguard.cli._common import device_option
+from ticketguard.cli._common import device_option, security_bits_option
 from ticketguard.cli.verify import INPUT_ERROR, _input_errors
 
 #: Exit codes: decided, undecided, bad input.
@@ -87,14 +87,7 @@ def _print(result: dict[str, Any]) -> None:
     help="Significance level of each verification (Bonferroni over its evidence); applies "
     "only with --security-bits 0, to claims proven to predate the models.",
 )
-@click.option(
-    "--security-bits",
-    default=128,
-    show_default=True,
-    type=click.IntRange(0, 4096),
-    help="Statistical evidence counts at p <= 2^-BITS/m, so a claimant who retries needs "
-    "about 2^BITS tries to forge a mark; 0 restores the plain alpha rule.",
-)
+@security_bits_option
 @click.option(
     "--json",
     "json_out",

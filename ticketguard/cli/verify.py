@@ -17,6 +17,7 @@ from ticketguard.cli._common import (
     given_options,
     parse_kwargs,
     passphrase_option,
+    security_bits_option,
 )
 from ticketguard.errors import TicketGuardError
 
@@ -168,14 +169,7 @@ def _print_human(report: dict[str, Any]) -> None:
     help="Significance level before the Bonferroni correction; applies only with "
     "--security-bits 0, to a claim proven to predate the suspect.",
 )
-@click.option(
-    "--security-bits",
-    default=128,
-    show_default=True,
-    type=click.IntRange(0, 4096),
-    help="Statistical evidence decides at p <= 2^-BITS/m, so forging it by retrying costs "
-    "about 2^BITS tries; 0 restores the plain alpha rule.",
-)
+@security_bits_option
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the W1 null.")
 @click.option(
     "--blackbox",

@@ -6,8 +6,10 @@ assignment (Hungarian, scipy's `linear_sum_assignment`) per permutation type of 
 structure, so channels tied by a residual stream move together. Sweeps maximise the overlap of
 surviving entries with every other dimension aligned by the current solution, until nothing
 changes, from two starts: a match of permutation-invariant degree profiles, and the channels as
-they are; the end with the larger overlap is kept. Embedded signature
-positions are left out of the cost so the alignment cannot inflate the match it is used to read.
+they are; the end with the larger overlap is kept, and a channel that gains nothing by moving
+stays where it is. Embedded signature positions are left out of the cost, in both masks, so the
+alignment can neither inflate the match it is used to read nor be paid for moving the written
+connections off their positions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from scipy.optimize import linear_sum_assignment
 
 from ticketguard.signatures.structure import ChannelStructure, Layer
 from ticketguard.tickets.mask import Mask
+
+
+#: What leaving a channel in place is worth in the overlap the sweeps maximise (entries shared).
+STAY_BONUS = 0.5
 
 
 @dataclass(frozen=True)
@@ -103,19 +109,26 @@ def align_masks(
 ) -> Alignment:
     """Find the channel permutation that best maps the suspect's masks onto the reference's.
 
-    `exclude` holds, per layer, a bool channel matrix `[out, in]` (reference frame) of entries
-    left out of the cost: the embedded signature positions.
+    `exclude` holds, per layer, a bool channel matrix `[out, in]` of entries left out of the
+    cost, in the reference and in the suspect alike: the embedded signature positions.
     """
     names = [n for n in structure.layers if n in reference and n in suspect]
-    ref = {}
-    for n in names:
-        r = reference[n].bool().cpu()
-        if exclude is not None and n in exclude:
-            drop = exclude[n].cpu()
-            r = r & ~(drop.view(*drop.shape, *([1] * (r.dim() - 2))))
-        ref[n] = r
-    ref = {n: _as_float(r).flatten(2) for n, r in ref.items()}
-    sus = {n: _as_float(suspect[n].bool().cpu()).flatten(2) for n in names}
+
+    def without_excluded(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        kept = {}
+        for n in names:
+            m = masks[n].bool().cpu()
+            if exclude is not None and n in exclude:
+                drop = exclude[n].cpu()
+                m = m & ~(drop.view(*drop.shape, *([1] * (m.dim() - 2))))
+            kept[n] = _as_float(m).flatten(2)
+        return kept
+
+    # The positions are left out of the suspect too, in its own frame: an unpermuted copy keeps
+    # its written connections (strong, so they outlast pruning) exactly there, and counting them
+    # would pay the alignment for moving them off the positions. For a permuted copy this drops
+    # entries at keyed positions, independent of its content.
+    ref, sus = without_excluded(reference), without_excluded(suspect)
     types = structure.permutation_types()
     plan = [(members, _terms(structure, members, names)) for members in types]
     fixed_features = {
@@ -138,7 +151,9 @@ def align_masks(
             for members, terms in plan:
                 if not terms:
                     continue
-                cost = np.zeros((len(members), len(members)))
+                # Half a shared entry for leaving a channel where it is: ties (channels with
+                # no entries left, interchangeable ones) stay put instead of moving at random.
+                cost = np.eye(len(members)) * STAY_BONUS
                 for term in terms:
                     a = fixed_features[id(term)]
                     b = _features(term, sus[term.layer.name], other_gather(term, perm))
