@@ -24,7 +24,6 @@ from scipy.optimize import linear_sum_assignment
 from ticketguard.signatures.structure import ChannelStructure, Layer
 from ticketguard.tickets.mask import Mask
 
-
 #: What leaving a channel in place is worth in the overlap the sweeps maximise (entries shared).
 STAY_BONUS = 0.5
 
