@@ -49,7 +49,7 @@ def main() -> None:
     symbol = make_symbol(TEXT)
     seed = bytes(range(32))
     params = plan_qr(mask, name, symbol, seed)
-    signed = write_qr(mask, weights, rewind, params)
+    signed = write_qr(mask, weights, rewind, params).mask
     reading = read_qr(signed, params)
     assert reading is not None and reading.mismatches == 0 and reading.decoded == TEXT
     size = params.size
