@@ -126,3 +126,35 @@ def signed_owner(tmp_path_factory: pytest.TempPathFactory, owner_ticket: Path) -
         "key": root / "alice.key",
         "pub": root / "alice.pub",
     }
+
+
+@pytest.fixture(scope="session")
+def small_signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Alice's small signed digits ticket (width 8, W2, two recovery epochs) and her files.
+
+    Shared, read-only: the ticket, its credential and secret, and Alice's key pair.
+    """
+    from ticketguard.signatures.keys import write_keypair
+    from ticketguard.signatures.signing import SignConfig, sign_ticket, write_signed
+    from ticketguard.tickets.retrain import RetrainConfig
+
+    root = tmp_path_factory.mktemp("small-signed")
+    ticket = _build_ticket(width=8, keep=0.3, seed=0)
+    ticket.metadata.update(
+        {"dataset": {"name": "digits", "split_seed": 0}, "input_shape": [1, 8, 8]}
+    )
+    result = sign_ticket(
+        ticket,
+        OWNER,
+        SignConfig(retrain=RetrainConfig(epochs=2)),
+        device=torch.device("cpu"),
+        created="2026-01-01T00:00:00Z",
+    )
+    write_signed(result, root / "alice.ticket")
+    write_keypair(OWNER, root / "alice")
+    return {
+        "ticket": root / "alice.ticket",
+        "cred": root / "alice.cred.json",
+        "secret": root / "alice.secret.json",
+        "key": root / "alice.key",
+    }

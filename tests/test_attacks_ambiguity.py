@@ -12,46 +12,24 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import error_line, invoke
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from conftest import OWNER
 
 from ticketguard.attacks.base import AttackContext, AttackError, run_attack
 from ticketguard.signatures.credential import read_credential
-from ticketguard.signatures.keys import OwnerKey, write_keypair
-from ticketguard.signatures.signing import SignConfig, excluded_layers, sign_ticket, write_signed
+from ticketguard.signatures.signing import excluded_layers
 from ticketguard.signatures.topology import channel_connectivity
-from ticketguard.tickets.retrain import RetrainConfig
 from ticketguard.tickets.ticket import load_ticket
 from ticketguard.tickets.training import resolve_device
 from ticketguard.verify.verification import verify
 
-ALICE = OwnerKey("alice@example.org", Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
 NO_TRAINING = {"recover_epochs": 0, "trigger": "none"}
 CPU = AttackContext(device=resolve_device("cpu"))
 
 
 @pytest.fixture(scope="module")
-def owner(make_ticket, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def owner(small_signed: dict[str, Path]) -> dict[str, Path]:
     """Alice's small signed digits ticket (W2, two recovery epochs), credential, secret, key."""
-    root = tmp_path_factory.mktemp("owner")
-    ticket = make_ticket(width=8, keep=0.3, seed=0)
-    ticket.metadata.update(
-        {"dataset": {"name": "digits", "split_seed": 0}, "input_shape": [1, 8, 8]}
-    )
-    result = sign_ticket(
-        ticket,
-        ALICE,
-        SignConfig(retrain=RetrainConfig(epochs=2)),
-        device=resolve_device("cpu"),
-        created="2026-01-01T00:00:00Z",
-    )
-    write_signed(result, root / "alice.ticket")
-    write_keypair(ALICE, root / "alice")
-    return {
-        "ticket": root / "alice.ticket",
-        "cred": root / "alice.cred.json",
-        "secret": root / "alice.secret.json",
-        "key": root / "alice.key",
-    }
+    return small_signed
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +55,7 @@ def test_forge_signs_the_stolen_ticket_under_the_attackers_key(owner, forged):
     assert cred.valid
     assert cred.document["owner"] == "mallory@example.org"
     assert cred.document["created"] == "2020-01-01T00:00:00Z"  # backdated at will
-    assert cred.public_key.key_id() != ALICE.public_key.key_id()
+    assert cred.public_key.key_id() != OWNER.public_key.key_id()
     stolen, copy = load_ticket(owner["ticket"]), load_ticket(forged["ticket"])
     for name in stolen.mask:
         assert int(copy.mask[name].sum()) == int(stolen.mask[name].sum())

@@ -29,36 +29,19 @@ from ticketguard.attacks.grinding import (
 )
 from ticketguard.errors import EmbeddingError
 from ticketguard.signatures.credential import read_credential
-from ticketguard.signatures.keys import OwnerKey
 from ticketguard.signatures.payload import CONSTANT_BITS, EccParams, codeword_bits
-from ticketguard.signatures.signing import SignConfig, sign_ticket, write_signed
-from ticketguard.tickets.retrain import RetrainConfig
 from ticketguard.tickets.ticket import load_ticket
 from ticketguard.tickets.training import resolve_device
 
-ALICE = OwnerKey("alice@example.org", Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
 CPU = AttackContext(device=resolve_device("cpu"))
 #: Report fields that depend on the machine's speed, left out when results are compared.
 TIMED = {"seconds", "tries_per_second", "work_seconds", "work_time", "summary"}
 
 
 @pytest.fixture(scope="module")
-def owner(make_ticket, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def owner(small_signed: dict[str, Path]) -> Path:
     """Alice's signed digits ticket (W2, retrained for two epochs on the digits data)."""
-    root = tmp_path_factory.mktemp("owner")
-    ticket = make_ticket(width=8, keep=0.3, seed=0)
-    ticket.metadata.update(
-        {"dataset": {"name": "digits", "split_seed": 0}, "input_shape": [1, 8, 8]}
-    )
-    result = sign_ticket(
-        ticket,
-        ALICE,
-        SignConfig(retrain=RetrainConfig(epochs=2)),
-        device=resolve_device("cpu"),
-        created="2026-01-01T00:00:00Z",
-    )
-    write_signed(result, root / "alice.ticket")
-    return root / "alice.ticket"
+    return small_signed["ticket"]
 
 
 def _untimed(details: dict) -> dict:
