@@ -540,16 +540,17 @@ def test_a_permuted_and_fine_tuned_copy_verifies_with_the_reference(
         credential=owner["cred"],
         reveal=owner["secret"],
         reference=owner["signed"],
-        config=VerifyConfig(null_samples=2),
+        # Ten null masks: the spread of two is too noisy to put z anywhere in particular.
+        config=VerifyConfig(null_samples=10),
     )
     assert report.verified
     names = [e.name for e in report.evidences]
     assert names == ["W1 topology", "W2 bits", "W2 payload"]
     assert report.evidences[1].details["matched"] >= 1000
     # W1 is far out in the random-mask null's tail, but that null is reported, never judged.
-    assert report.evidences[0].details["z"] > 100
+    assert report.evidences[0].details["z"] > 30
     assert report.evidences[0].log10_p is None
-    assert report.evidences[0].details["nulls"][0]["p_empirical"] == pytest.approx(1 / 3)
+    assert report.evidences[0].details["nulls"][0]["p_empirical"] == pytest.approx(1 / 11)
 
 
 def test_w1_decides_only_against_independent_tickets(
