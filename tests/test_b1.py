@@ -487,36 +487,16 @@ def test_cli_callable_suspect(owner: dict, tmp_path: Path, monkeypatch) -> None:
         "    return [TABLE[tuple(row.reshape(-1).tolist())] for row in x]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    result = invoke(
-        [
-            "verify",
-            "suspect_module_b1:predict",
-            "--credential",
-            owner["cred"],
-            "--key",
-            owner["key"],
-            "--json",
-            "--security-bits",
-            0,
-        ]
-    )
+    command = ["verify", "suspect_module_b1:predict", "--credential", owner["cred"]]
+    command += ["--key", owner["key"], "--json"]
+    result = invoke([*command, "--security-bits", 0])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["blackbox"]["suspect"] == "suspect_module_b1:predict"
     assert report["evidence"][0]["details"]["hits"] == TRIGGERS
     assert report["verdict"]["security_bits"] == 0 and report["verdict"]["rule"] == "p < alpha/m"
     # The default security level: 20 matching triggers are within a grinder's reach (exit 1).
-    default = invoke(
-        [
-            "verify",
-            "suspect_module_b1:predict",
-            "--credential",
-            owner["cred"],
-            "--key",
-            owner["key"],
-            "--json",
-        ]
-    )
+    default = invoke(command)
     assert default.exit_code == 1, default.output
     verdict = json.loads(default.output)["verdict"]
     assert verdict["security_bits"] == 128 and not verdict["verified"]
