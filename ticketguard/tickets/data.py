@@ -33,6 +33,20 @@ DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "mnist", "fashion-
 IMAGEFOLDER_PREFIX = "imagefolder:"
 DEFAULT_IMAGE_SIZE = 32
 MAX_VAL_SIZE = 5000
+
+# Budgets of the dataset readers (docs/limits.md). Real files sit far below each one.
+#: Largest CIFAR batch file read (CIFAR-100's `train` is 155 MB, a CIFAR-10 batch 31 MB).
+MAX_CIFAR_BATCH_BYTES = 256 << 20
+#: Most pickle opcodes in a CIFAR batch (a real one has about 200,000: labels and filenames),
+#: so a small file cannot unpickle into millions of Python objects.
+MAX_CIFAR_PICKLE_OPS = 2_000_000
+#: Largest raw MNIST IDX file (the training images are 47 MB).
+MAX_IDX_BYTES = 128 << 20
+#: Most images an image folder may list, and most pixels one image may declare before decoding.
+MAX_FOLDER_IMAGES = 1_000_000
+MAX_IMAGE_PIXELS = 64 << 20
+#: Largest decoded image folder in memory (N x 3 x size x size bytes).
+MAX_FOLDER_DECODED_BYTES = 8 << 30
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
@@ -402,9 +416,27 @@ def _field(batch: dict[Any, Any], key: str, path: Path) -> Any:
     raise DatasetError(f"{path} is not a CIFAR batch: it has no {key!r} entry")
 
 
+def _check_pickle_budget(path: Path) -> None:
+    """Refuse a batch file past the size budget, or one holding too many pickle opcodes."""
+    import pickletools
+
+    size = path.stat().st_size
+    if size > MAX_CIFAR_BATCH_BYTES:
+        raise DatasetError(
+            f"{path}: {size} bytes is more than a CIFAR batch may have ({MAX_CIFAR_BATCH_BYTES})"
+        )
+    with path.open("rb") as f:
+        for count, _op in enumerate(pickletools.genops(f), 1):
+            if count > MAX_CIFAR_PICKLE_OPS:
+                raise DatasetError(
+                    f"{path}: more than {MAX_CIFAR_PICKLE_OPS} pickle operations; not a CIFAR batch"
+                )
+
+
 def _read_cifar_batch(path: Path, layout: _CifarLayout) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR batch file safely as (uint8 data (N, 3072), int64 labels (N,))."""
     try:
+        _check_pickle_budget(path)
         with path.open("rb") as f:
             batch = _NumpyOnlyUnpickler(f, path).load()
     except DatasetError:
@@ -524,6 +556,12 @@ def _load_mnist(spec: str, name: str, root: Path, download: bool, split_seed: in
             raise DatasetError(
                 f"could not download {source.__name__} into {raw}: {_describe(exc)}"
             ) from None
+    for path in files:
+        if path.stat().st_size > MAX_IDX_BYTES:
+            raise DatasetError(
+                f"{path}: {path.stat().st_size} bytes is more than an MNIST file may have "
+                f"({MAX_IDX_BYTES})"
+            )
     loaded: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
     for train in (True, False):
         try:
@@ -606,6 +644,8 @@ def _scan_imagefolder(root: Path) -> _FolderPlan:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise DatasetError(f"class folder {class_dir} has no images ({exts})")
         train += [(p, label) for p in files]
+        if len(train) > MAX_FOLDER_IMAGES:
+            raise DatasetError(f"image folder {base} has more than {MAX_FOLDER_IMAGES} images")
     classes = tuple(d.name for d in class_dirs)
 
     def optional(split: str) -> list[tuple[Path, int]] | None:
@@ -621,10 +661,21 @@ def _read_images(
     """Decode images as RGB, resize to size x size, and return (uint8 (N, 3, S, S), int64 labels)."""
     from PIL import Image
 
+    if len(samples) * size * size * 3 > MAX_FOLDER_DECODED_BYTES:
+        raise DatasetError(
+            f"{len(samples)} images of {size}x{size} need more than "
+            f"{MAX_FOLDER_DECODED_BYTES >> 30} GiB decoded; use a smaller --image-size or folder"
+        )
     pixels = np.empty((len(samples), size, size, 3), dtype=np.uint8)
     for i, (path, _label) in enumerate(samples):
         try:
             with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise DatasetError(
+                        f"cannot read image {path}: {width}x{height} is more than "
+                        f"{MAX_IMAGE_PIXELS} pixels"
+                    )
                 rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
                 pixels[i] = np.asarray(rgb)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
