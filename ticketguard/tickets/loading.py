@@ -8,7 +8,9 @@ dict wrapping one under `state_dict`, `model` or `init_weight`. PyTorch files ar
 
 from __future__ import annotations
 
+import io
 import pickletools
+import struct
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -22,6 +24,7 @@ from torch import nn
 from ticketguard.errors import ArchitectureError, MaskShapeError, TicketFormatError, UnsafeFileError
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.ticket import (
+    MAX_TENSORS,
     Ticket,
     is_ticket_metadata,
     load_state,
@@ -31,6 +34,34 @@ from ticketguard.tickets.ticket import (
 
 WRAPPER_KEYS = ("state_dict", "model", "init_weight")
 PRUNE_ORIG, PRUNE_MASK = "_orig", "_mask"
+
+# --- Budgets (docs/ticket-format.md, "Budgets") ---------------------------------------------------
+# Every model file is checked against these before anything is inflated, unpickled or allocated,
+# so a hostile file is refused in seconds and within a few hundred MB.
+
+#: Largest model file (and largest total a zip's members may declare): 4 GiB holds a checkpoint
+#: of a MAX_MODEL_PARAMETERS (200 M) model in float32 with its rewind weights and an optimizer's
+#: state; the models ticketguard works with are 0.1-60 MB.
+MAX_MODEL_FILE_BYTES = 4 << 30
+#: Largest pickle (a zip's `data.pkl`, or the pickles at the start of a legacy file) read: a
+#: state dict's pickle takes about 100 bytes a tensor, so 64 MiB leaves room for numpy arrays
+#: and training logs stored in a checkpoint dict; a pickle is never read past it.
+MAX_PICKLE_BYTES = 64 << 20
+#: Most pickle opcodes scanned (and so handed to torch's pure-Python weights-only unpickler, about
+#: 1 us each): a state dict needs a few dozen a tensor; 2 M keep the unpickling within seconds.
+MAX_PICKLE_OPCODES = 2_000_000
+#: Pickles at the start of a legacy (pre-1.6, non-zip) torch file: magic number, protocol, system
+#: info, the object, the storage keys.
+LEGACY_PICKLES = 5
+#: Most members a zip may declare (torch writes one a storage plus a few), and the largest central
+#: directory, both checked before the zip is opened: Python's and torch's zip readers parse the
+#: whole directory into memory.
+MAX_ZIP_MEMBERS = 2 * MAX_TENSORS + 100
+MAX_ZIP_DIRECTORY_BYTES = 16 << 20
+#: Largest ratio of declared to compressed size of a compressed zip member above 1 MiB: torch
+#: stores members uncompressed, and deflated float weights shrink by a few times at most (99%
+#: pruned ones by tens), while a bomb of zeros shrinks by 1000x.
+MAX_COMPRESSION_RATIO = 100
 
 
 @dataclass
@@ -52,12 +83,17 @@ class LoadedCheckpoint:
 
 
 def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts like safetensors: an 8-byte header length, then a JSON object.
+
+    Any length is accepted here so that an oversized header is refused by `read_safetensors`
+    with a reason, not misread as a pickle.
+    """
     with path.open("rb") as f:
         head = f.read(9)
     if len(head) < 9:
         return False
     size = int.from_bytes(head[:8], "little")
-    return 2 <= size <= 100_000_000 and head[8:9] == b"{"
+    return size >= 2 and head[8:9] == b"{"
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -85,41 +121,140 @@ def _numpy_safe_globals() -> list[Any]:
     ]
 
 
+def _zip_directory(path: Path) -> tuple[int, int] | None:
+    """The member count and central-directory size a zip declares, read before parsing it."""
+    try:
+        with path.open("rb") as f:
+            end = zipfile._EndRecData(f)  # type: ignore[attr-defined]
+    except (OSError, AttributeError, struct.error):
+        return None
+    if not end:
+        return None
+    return int(end[zipfile._ECD_ENTRIES_TOTAL]), int(end[zipfile._ECD_SIZE])  # type: ignore[attr-defined]
+
+
+def _check_zip(path: Path, archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """Refuse a zip whose declared contents exceed the budgets; return its pickle members."""
+    infos = archive.infolist()
+    total = 0
+    for info in infos:
+        if info.file_size > MAX_MODEL_FILE_BYTES:
+            raise TicketFormatError(
+                f"{path}: zip member {info.filename[:80]!r} declares {info.file_size:,} bytes, "
+                f"more than the {MAX_MODEL_FILE_BYTES:,}-byte budget; refused"
+            )
+        total += info.file_size
+        if (
+            info.compress_type != zipfile.ZIP_STORED
+            and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1)
+            and info.file_size > 1 << 20
+        ):
+            raise TicketFormatError(
+                f"{path}: zip member {info.filename[:80]!r} inflates {info.compress_size:,} bytes "
+                f"to {info.file_size:,} (more than {MAX_COMPRESSION_RATIO}x: a zip bomb); refused"
+            )
+    if total > MAX_MODEL_FILE_BYTES:
+        raise TicketFormatError(
+            f"{path}: the zip's members declare {total:,} bytes in all, more than the "
+            f"{MAX_MODEL_FILE_BYTES:,}-byte budget; refused"
+        )
+    pickles = [i for i in infos if i.filename.endswith(".pkl")]
+    for info in pickles:
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise TicketFormatError(
+                f"{path}: its pickle {info.filename[:80]!r} declares {info.file_size:,} bytes, "
+                f"more than the {MAX_PICKLE_BYTES:,}-byte budget; refused"
+            )
+    return pickles
+
+
+def _check_file(path: Path) -> int:
+    """Refuse a file past the size budget (or a zip past its directory budget); return its size."""
+    size = path.stat().st_size
+    if size > MAX_MODEL_FILE_BYTES:
+        raise TicketFormatError(
+            f"{path}: {size:,} bytes, more than the {MAX_MODEL_FILE_BYTES:,}-byte budget of a "
+            "model file; refused"
+        )
+    return size
+
+
 def _pickle_streams(path: Path) -> list[bytes]:
-    """Return the pickle byte streams of a file: the `data.pkl` of a torch zip, or the file."""
+    """Return the pickle byte streams of a file, each read up to the budget, never more.
+
+    A torch zip: its `*.pkl` members (after the zip's declared sizes passed the budgets). Any
+    other file: its first MAX_PICKLE_BYTES bytes (legacy torch files and plain pickles start with
+    their pickles; the raw storages after them are not needed to name what the file calls).
+    """
     if zipfile.is_zipfile(path):
+        directory = _zip_directory(path)
+        if directory is not None and (
+            directory[0] > MAX_ZIP_MEMBERS or directory[1] > MAX_ZIP_DIRECTORY_BYTES
+        ):
+            raise TicketFormatError(
+                f"{path}: the zip declares {directory[0]:,} members in a {directory[1]:,}-byte "
+                f"directory (budget: {MAX_ZIP_MEMBERS:,} members, {MAX_ZIP_DIRECTORY_BYTES:,} "
+                "bytes); refused"
+            )
         with zipfile.ZipFile(path) as archive:
-            return [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
-    return [path.read_bytes()]
+            streams = []
+            for info in _check_zip(path, archive):
+                with archive.open(info) as member:
+                    streams.append(member.read(MAX_PICKLE_BYTES + 1))
+            return streams
+    with path.open("rb") as f:
+        return [f.read(MAX_PICKLE_BYTES)]
+
+
+@dataclass
+class _Scan:
+    """What a bounded scan of a file's pickles found."""
+
+    names: list[str] = field(default_factory=list)
+    parsed: bool = False
+    opcodes: int = 0
+    over_budget: bool = False
+
+
+def _scan_pickles(stream: bytes, scan: _Scan, max_pickles: int = LEGACY_PICKLES) -> None:
+    """Add to `scan` the Python objects the pickles at the start of `stream` import.
+
+    Legacy torch files are several pickles in a row followed by raw storage bytes, so parsing
+    goes on pickle after pickle (at most `max_pickles`) until the bytes stop parsing. At most
+    MAX_PICKLE_OPCODES opcodes are read in all; past that `scan.over_budget` is set.
+    """
+    source = io.BytesIO(stream)
+    last: list[str] = []
+    for _ in range(max_pickles):
+        if source.tell() >= len(stream):
+            return
+        try:
+            for opcode, arg, pos in pickletools.genops(source):
+                scan.opcodes += 1
+                if scan.opcodes > MAX_PICKLE_OPCODES:
+                    scan.over_budget = True
+                    return
+                if opcode.name in ("GLOBAL", "INST"):
+                    scan.names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL":
+                    scan.names.append(".".join(last) if len(last) == 2 else "an object")
+                elif isinstance(arg, str):
+                    last = [*last[-1:], arg]
+                if opcode.name == "STOP":
+                    scan.parsed = True
+                    source.seek(pos + 1)
+                    break
+            else:
+                return
+        except Exception:  # noqa: BLE001 - the rest is not a pickle
+            return
 
 
 def _imported_names(stream: bytes) -> list[str] | None:
-    """List the Python objects the pickles in `stream` import; None when it holds no pickle.
-
-    Legacy torch files are several pickles in a row followed by raw storage bytes, so parsing
-    goes on pickle after pickle until the bytes stop parsing.
-    """
-    names: list[str] = []
-    strings: list[str] = []
-    offset, parsed = 0, False
-    while offset < len(stream):
-        try:
-            for opcode, arg, pos in pickletools.genops(stream[offset:]):
-                if opcode.name in ("GLOBAL", "INST"):
-                    names.append(str(arg).replace(" ", "."))
-                elif opcode.name == "STACK_GLOBAL":
-                    names.append(".".join(strings[-2:]) if len(strings) >= 2 else "an object")
-                elif isinstance(arg, str):
-                    strings.append(arg)
-                if opcode.name == "STOP":
-                    offset += pos + 1
-                    parsed = True
-                    break
-            else:
-                break
-        except Exception:  # noqa: BLE001 - the rest is not a pickle
-            break
-    return names if parsed else None
+    """List the Python objects the pickles in `stream` import; None when it holds no pickle."""
+    scan = _Scan()
+    _scan_pickles(stream, scan)
+    return scan.names if scan.parsed else None
 
 
 def _torch_allowed_names() -> set[str]:
@@ -133,6 +268,24 @@ def _torch_allowed_names() -> set[str]:
 
 
 def _torch_load(path: Path) -> Any:
+    """torch.load(weights_only=True) after checking the file against the budgets.
+
+    The pickles are scanned first (bounded in bytes and opcodes), so torch's own unpickler never
+    meets more than MAX_PICKLE_OPCODES opcodes, and a zip's declared sizes are checked before
+    torch inflates anything.
+    """
+    scan = _Scan()
+    for stream in _pickle_streams(path):
+        if len(stream) > MAX_PICKLE_BYTES:
+            raise TicketFormatError(
+                f"{path}: a pickle larger than the {MAX_PICKLE_BYTES:,}-byte budget; refused"
+            )
+        _scan_pickles(stream, scan)
+        if scan.over_budget:
+            raise TicketFormatError(
+                f"{path}: its pickles hold more than {MAX_PICKLE_OPCODES:,} opcodes (the budget; "
+                "a state dict needs a few dozen a tensor); refused"
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr
@@ -140,12 +293,7 @@ def _torch_load(path: Path) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - every failure is explained below in our own words
         pass
-    try:
-        streams = _pickle_streams(path)
-    except (OSError, zipfile.BadZipFile):
-        streams = []
-    imported = [_imported_names(s) for s in streams]
-    called = sorted({n for names in imported if names for n in names} - _torch_allowed_names())
+    called = sorted(set(scan.names) - _torch_allowed_names())
     if called:
         shown = ", ".join(called[:3]) + (" ..." if len(called) > 3 else "")
         raise UnsafeFileError(
@@ -242,6 +390,7 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if not path.is_file():
         raise TicketFormatError(f"{path}: not a file")
     notes: list[str] = []
+    _check_file(path)
     if _is_safetensors(path):
         tensors, metadata = read_safetensors(path)
         if is_ticket_metadata(metadata):
@@ -262,6 +411,12 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     else:
         state, rewind = _unwrap(path, _torch_load(path), notes)
         fmt = "pytorch"
+        for tensors in (state, rewind or {}):
+            if len(tensors) > MAX_TENSORS:
+                raise TicketFormatError(
+                    f"{path}: holds {len(tensors):,} tensors, more than the budget of "
+                    f"{MAX_TENSORS:,}; refused"
+                )
     state = _strip_module_prefix(state, notes)
     state, mask = merge_prune_state(path, state)
     if mask is not None:
@@ -304,9 +459,9 @@ def infer_num_classes(
     allow_import: bool = False,
 ) -> int:
     """Read the number of classes off the classifier weight a state dict holds for `arch`."""
-    from ticketguard.tickets.models import build_model, classifier_name
+    from ticketguard.tickets.models import classifier_name, probe_model
 
-    probe = build_model(arch, 10, dict(kwargs or {}), allow_import=allow_import)
+    probe = probe_model(arch, 10, dict(kwargs or {}), allow_import=allow_import)
     name = classifier_name(probe)
     if name is None or name not in state or state[name].dim() != 2:
         raise ArchitectureError(f"cannot find the classifier of {arch!r} in the state dict")
@@ -322,7 +477,7 @@ def load_model(
     allow_import: bool = False,
 ) -> nn.Module:
     """Build the loaded file's architecture (recorded, or given) and load its weights."""
-    from ticketguard.tickets.models import build_model
+    from ticketguard.tickets.models import build_model, probe_model
 
     meta_arch = loaded.metadata.get("architecture") or {}
     recorded = meta_arch.get("name")
@@ -339,8 +494,11 @@ def load_model(
         or loaded.metadata.get("num_classes")
         or infer_num_classes(arch, loaded.state, kwargs, allow_import=allow_import)
     )
+    # The architecture is checked against the file's tensors on a probe (no weights allocated),
+    # so a model that does not fit, or is past the size budget, is never built for real.
+    fitting = fit_to_model(loaded, probe_model(arch, n_cls, kwargs, allow_import=allow_import))
     model = build_model(arch, n_cls, kwargs, allow_import=allow_import)
-    load_state(model, fit_to_model(loaded, model))
+    load_state(model, fitting)
     return model
 
 

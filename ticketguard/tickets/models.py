@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import importlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ticketguard.errors import ArchitectureError, ConfigError
 
@@ -243,6 +245,20 @@ def build_model(
     typed the path); an import path read from a file is never followed silently.
     """
     kwargs = dict(kwargs or {})
+    factory = _resolve(arch, allow_import)
+    _check_size(arch, factory, num_classes, kwargs)
+    try:
+        model = factory(num_classes=num_classes, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a factory may fail in any way; say which and why
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArchitectureError(f"cannot build {arch!r} with {kwargs}: {detail}") from None
+    if not isinstance(model, nn.Module):
+        raise ArchitectureError(f"{arch!r} returned a {type(model).__name__}, not a torch module")
+    return model
+
+
+def _resolve(arch: str, allow_import: bool) -> Callable[..., nn.Module]:
+    """Return the factory an architecture name stands for, or raise ArchitectureError."""
     if arch in REGISTRY:
         factory: Callable[..., nn.Module] = REGISTRY[arch].factory
     elif is_import_path(arch):
@@ -261,14 +277,139 @@ def build_model(
             f"unknown architecture {arch!r} (known: {', '.join(known_architectures())}, "
             "any torchvision classification model, or package.module:factory)"
         )
+    return factory
+
+
+# --- Size budget ---------------------------------------------------------------------------------
+
+#: Most parameters plus buffers a model built by ticketguard may hold: 200 M values are 800 MB in
+#: float32, so the model, the file it came from and a copy for evaluation stay within a few GB. The
+#: largest registry model (VGG-16) has 15 M; torchvision's ViT-L/H and RegNetY-128GF exceed it.
+MAX_MODEL_PARAMETERS = 200_000_000
+#: Most tensor-creating calls a size probe lets a factory make (a ResNet-152 makes about 1,000);
+#: bounds the time of a probe of an architecture whose keywords ask for millions of layers.
+MAX_PROBE_ALLOCATIONS = 50_000
+#: Tensors of at least this many values are created on the meta device in the fallback probe
+#: (smaller ones stay real, for factories that compute their layout with tensor arithmetic).
+_PROBE_META_THRESHOLD = 4096
+
+_SIZED_FACTORIES = (torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn)
+
+
+class _ProbeExceeded(Exception):
+    """Raised inside a size probe once the factory asks for more than the budget."""
+
+
+def _requested_values(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    size: Any = kwargs.get("size")
+    if size is None:
+        if func is torch.full:
+            size = args[0] if args else ()
+        elif len(args) == 1 and isinstance(args[0], Sequence):
+            size = args[0]
+        else:
+            size = args
+    count = 1
     try:
-        model = factory(num_classes=num_classes, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - a factory may fail in any way; say which and why
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArchitectureError(f"cannot build {arch!r} with {kwargs}: {detail}") from None
-    if not isinstance(model, nn.Module):
-        raise ArchitectureError(f"{arch!r} returned a {type(model).__name__}, not a torch module")
-    return model
+        for d in size:
+            count *= int(d)
+    except (TypeError, ValueError):
+        return 0
+    return count
+
+
+class _SizeProbe(TorchFunctionMode):
+    """Count the values a factory allocates; put large (or all) allocations on the meta device."""
+
+    def __init__(self, threshold: int | None):
+        super().__init__()
+        self.threshold = threshold
+        self.calls = 0
+        self.values = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = dict(kwargs or {})
+        if func in _SIZED_FACTORIES or func is torch.full:
+            n = _requested_values(func, args, kwargs)
+            self.calls += 1
+            self.values += n
+            if self.calls > MAX_PROBE_ALLOCATIONS or self.values > 2 * MAX_MODEL_PARAMETERS:
+                raise _ProbeExceeded
+            if self.threshold is not None and n >= self.threshold and kwargs.get("device") is None:
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _probe(factory: Callable[..., nn.Module], num_classes: int, kwargs: dict[str, Any]) -> Any:
+    """Build the model without allocating its weights; None when the factory needs real tensors.
+
+    First everything on the meta device; failing that (factories that compute their layout with
+    tensor arithmetic, like torchvision's RegNets), only the large tensors, with the random
+    generator restored afterwards so the real build draws the same initial weights.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with _SizeProbe(None), torch.device("meta"):
+                return factory(num_classes=num_classes, **kwargs)
+        except _ProbeExceeded:
+            raise
+        except Exception:  # noqa: BLE001 - retried below, then left to the real build
+            pass
+        try:
+            with torch.random.fork_rng(devices=[]), _SizeProbe(_PROBE_META_THRESHOLD):
+                return factory(num_classes=num_classes, **kwargs)
+        except _ProbeExceeded:
+            raise
+        except Exception:  # noqa: BLE001 - the real build reports why it fails
+            return None
+
+
+def model_size(model: nn.Module) -> int:
+    """Parameters plus buffers: the values the model's state dict holds."""
+    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+
+
+def _check_size(
+    arch: str, factory: Callable[..., nn.Module], num_classes: int, kwargs: dict[str, Any]
+) -> nn.Module | None:
+    """Refuse, before building it for real, a model larger than MAX_MODEL_PARAMETERS.
+
+    Returns the probe (a model whose large tensors are on the meta device), or None when the
+    factory could not be probed (then the real build decides).
+    """
+    too_big = ArchitectureError(
+        f"{arch!r} with {kwargs} and {num_classes} classes has more than "
+        f"{MAX_MODEL_PARAMETERS:,} parameters (the budget); refused"
+    )
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ArchitectureError(f"cannot build {arch!r}: num_classes must be a positive integer")
+    try:
+        probe = _probe(factory, num_classes, kwargs)
+    except _ProbeExceeded:
+        raise too_big from None
+    if isinstance(probe, nn.Module) and model_size(probe) > MAX_MODEL_PARAMETERS:
+        raise too_big
+    return probe if isinstance(probe, nn.Module) else None
+
+
+def probe_model(
+    arch: str,
+    num_classes: int,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    allow_import: bool = False,
+) -> nn.Module:
+    """Build `arch` without allocating its weights (names and shapes only), under the budget.
+
+    Falls back to a real build for a factory that cannot be probed.
+    """
+    kwargs = dict(kwargs or {})
+    factory = _resolve(arch, allow_import)
+    probe = _check_size(arch, factory, num_classes, kwargs)
+    if probe is not None:
+        return probe
+    return build_model(arch, num_classes, kwargs, allow_import=allow_import)
 
 
 def _import_factory(path: str) -> Callable[..., nn.Module]:
