@@ -211,14 +211,19 @@ def test_other_key_fails_check_public_key(
         (b"{not json", "the file is not JSON"),
         (b"[1,2,3]", "the file holds a JSON list, not a credential object"),
         (b'"text"', "the file holds a JSON str, not a credential object"),
-        (b"NaN", "the file holds a JSON float, not a credential object"),
+        (b"NaN", "the file is not JSON (refused: non-finite number NaN)"),
+        (b"1.5", "the file holds a JSON float, not a credential object"),
+        (b'{"a":1e400}', "the file is not JSON (refused: number 1e400 is out of range)"),
+        (b'{"a":"\\udc00"}', "the file is not JSON (refused: a string that is not valid"),
+        (b'{"a":1,"a":2}', "the file is not JSON (refused: duplicate key 'a')"),
+        (b'{"a":' + b"[" * 40 + b"]" * 40 + b"}", "the file is not JSON (refused: nested"),
         (b"[" * 100_000, "the file is not JSON"),
         (b'{"format":"ticketguard-credential/1"}', "the owner field is missing or not a string"),
         (b'{"format":"something-else/1"}', "unknown credential format 'something-else/1'"),
         (b"{}", "the file has no format field"),
         (b'{ "format":"ticketguard-credential/1"}', "the file is not in canonical form"),
         (b'{"b":1,"a":2}', "the file is not in canonical form"),
-        (b'{"a":NaN}', "the file is not in canonical form"),
+        (b'{"a":NaN}', "the file is not JSON (refused: non-finite number NaN)"),
     ],
 )
 def test_malformed_files_are_reported(tmp_path: Path, content: bytes, problem: str) -> None:
@@ -373,7 +378,8 @@ def test_seed_for_with_the_right_reveal(alice: OwnerKey, tmp_path: Path) -> None
     seed = os.urandom(32)
     credential = _credential(tmp_path, build(alice, seed=seed))
     secret = tmp_path / "ticket.secret"
-    write_secret(secret, seed=seed, credential_sha256=credential.sha256, fingerprint=FP_BEFORE)
+    # A secret file records its credential's SHA-256 and the signed ticket's fingerprint.
+    write_secret(secret, seed=seed, credential_sha256=credential.sha256, fingerprint=FP_AFTER)
     assert seed_for(credential, secret_path=secret) == (seed, None)
     # A random seed cannot be derived from the key, but the owner's secret file still works.
     derived, problem = seed_for(credential, key=alice)
@@ -385,7 +391,7 @@ def test_seed_for_with_a_wrong_reveal(alice: OwnerKey, tmp_path: Path) -> None:
     credential = _credential(tmp_path, build(alice, seed=os.urandom(32)))
     secret = tmp_path / "ticket.secret"
     write_secret(
-        secret, seed=os.urandom(32), credential_sha256=credential.sha256, fingerprint=FP_BEFORE
+        secret, seed=os.urandom(32), credential_sha256=credential.sha256, fingerprint=FP_AFTER
     )
     seed, problem = seed_for(credential, secret_path=secret)
     assert seed is None
@@ -399,3 +405,95 @@ def test_seed_for_needs_something(alice: OwnerKey, tmp_path: Path) -> None:
         None,
         "neither the owner's private key nor a revealed seed was given",
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("credential_sha256", "0" * 64, "its credential_sha256 is not the SHA-256"),
+        ("fingerprint", FP_BEFORE, "its fingerprint is not the credential's fingerprint_after"),
+    ],
+)
+def test_seed_for_refuses_a_secret_of_another_credential(
+    alice: OwnerKey, tmp_path: Path, field: str, value: str, reason: str
+) -> None:
+    seed = os.urandom(32)
+    credential = _credential(tmp_path, build(alice, seed=seed))
+    fields = {"credential_sha256": credential.sha256, "fingerprint": FP_AFTER, field: value}
+    secret = tmp_path / "ticket.secret"
+    write_secret(secret, seed=seed, **fields)
+    found, problem = seed_for(credential, secret_path=secret)
+    assert found is None and problem is not None
+    assert problem.startswith("the revealed secret file is not for this credential") and (
+        reason in problem
+    )
+
+
+def _secret_text(**changes: object) -> str:
+    document: dict[str, object] = {
+        "format": SECRET_FORMAT,
+        "seed": "ab" * 32,
+        "credential_sha256": "cd" * 32,
+        "fingerprint": FP_AFTER,
+    }
+    document.update(changes)
+    return json.dumps({k: v for k, v in document.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_secret_text(), None),
+        (_secret_text(seed="AB" * 32), None),
+        (_secret_text().replace('"format"', '"seed":"00","format"'), "duplicate key 'seed'"),
+        (_secret_text(extra=1), "unknown field 'extra'"),
+        (_secret_text().replace("}", ',"x":NaN}'), "non-finite number NaN"),
+        (_secret_text().replace("}", ',"x":1e400}'), "out of range"),
+        (_secret_text().replace("}", ',"x":"\\ud800"}'), "not valid Unicode"),
+        (_secret_text(seed=None), "the seed is not 32 bytes of hex"),
+        (_secret_text(seed=7), "the seed is not 32 bytes of hex"),
+        (_secret_text(credential_sha256=None), "credential_sha256 field is missing or not 64"),
+        (_secret_text(credential_sha256="CD" * 32), "credential_sha256 field is missing or not"),
+        (_secret_text(fingerprint="ab"), "fingerprint field is missing or not 64 lowercase"),
+        (_secret_text(fingerprint=1.5), "fingerprint field is missing or not 64 lowercase"),
+        (_secret_text(trigger_set="x"), "trigger_set: expected an object, got str"),
+        (_secret_text(trigger_set={"format": "x"}), "trigger_set: missing keys"),
+        (
+            _secret_text(
+                trigger_set={
+                    "format": "ticketguard-triggers/1",
+                    "source": "generated",
+                    "shape": [10**9, 3, 32, 32],
+                    "labels": [],
+                    "names": [],
+                    "images": "",
+                }
+            ),
+            "trigger_set: at most",
+        ),
+    ],
+)
+def test_read_secret_document_checks_every_field(
+    tmp_path: Path, text: str, message: str | None
+) -> None:
+    from ticketguard.signatures.credential import read_secret_document
+
+    path = tmp_path / "s.secret.json"
+    path.write_text(text, encoding="utf-8")
+    if message is None:
+        assert read_secret_document(path)["format"] == SECRET_FORMAT
+        return
+    with pytest.raises(CredentialError) as info:
+        read_secret_document(path)
+    assert str(info.value).startswith(str(path)) and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_secret_file_is_read_under_a_size_cap(tmp_path: Path, monkeypatch) -> None:
+    from ticketguard.signatures import credential as credential_module
+
+    monkeypatch.setattr(credential_module, "MAX_SECRET_BYTES", 1000)
+    path = tmp_path / "big.secret.json"
+    path.write_text(_secret_text(pad="x" * 2000), encoding="utf-8")
+    with pytest.raises(CredentialError, match="larger than 1000 bytes"):
+        read_secret(path)

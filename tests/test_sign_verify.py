@@ -369,10 +369,14 @@ def test_verify_with_the_secret_of_another_signing_is_refused(owner: dict) -> No
         [owner["signed"], "--credential", owner["cred"], "--reveal", owner["other_secret"]]
     )
     assert code == 1
-    assert report["problems"] == ["the revealed seed does not match the credential's commitment"]
+    # The secret file names the credential it belongs to, so it is refused before its seed is used.
+    assert report["problems"] == [
+        "the revealed secret file is not for this credential (its credential_sha256 is not "
+        "the SHA-256 of the credential file)"
+    ]
     assert report["evidence"] == []
     assert report["verdict"]["verified"] is False
-    assert "revealed seed does not match" in report["verdict"]["reason"]
+    assert "not for this credential" in report["verdict"]["reason"]
 
 
 def test_verify_with_a_tampered_credential_is_refused(owner: dict, tmp_path: Path) -> None:

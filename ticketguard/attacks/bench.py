@@ -4,7 +4,9 @@ A TOML config names the target (signed ticket, credential, revealed secret), the
 their parameter grids (a list is an axis; the cells are the product of all axes and the seeds)
 and how each attacked model is judged. Each finished cell is a JSON file in `OUT/cells/`, so a
 re-run skips it; cells run in worker processes with `workers > 1`. The unattacked target is
-verified once as the baseline, so the report can say which evidence each attack removed.
+verified once as the baseline, so the report can say which evidence each attack removed; a
+target that does not verify is refused before any attack runs. A grid is counted from its axis
+lengths before it is expanded, and one of more than `MAX_CELLS` cells is refused.
 See docs/attacks.md.
 """
 
@@ -12,18 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 import os
 import time
-import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ticketguard.attacks.base import Attack, AttackContext, AttackError, get_attack
-from ticketguard.errors import ConfigError, TicketGuardError
+from ticketguard.documents import read_json_file, read_toml_file
+from ticketguard.errors import ConfigError, CredentialError, TicketGuardError
 from ticketguard.files import canonical_json, write_json_atomic
 from ticketguard.verify.stats import MAX_SECURITY_BITS, SECURITY_BITS
 
@@ -57,6 +58,20 @@ BY_VERIFICATION, BY_DISPUTE, BY_COUNT = "verification", "dispute", "count"
 BASELINE = "(none)"
 #: Rounding slack when comparing an accuracy drop with `max_drop`.
 _DROP_SLACK = 1e-9
+#: Most cells one config may name (attacks x parameter combinations x seeds). Counted from the
+#: axis lengths before any cell is built, so a grid of 10^9 cells is refused at once; a real
+#: benchmark has tens to hundreds of cells, each taking seconds to hours.
+MAX_CELLS = 10_000
+#: Largest benchmark config file read (a config is a few kilobytes).
+MAX_CONFIG_BYTES = 1 << 20
+#: Largest cell record read back from OUT/cells (a record is a few kilobytes).
+MAX_CELL_RECORD_BYTES = 4 << 20
+
+
+class TargetError(TicketGuardError):
+    """The benchmark's target cannot be used: unreadable, or its credential does not verify it.
+
+    Raised before any attack runs, and nothing is written (exit code 1)."""
 
 
 @dataclass(frozen=True)
@@ -143,16 +158,12 @@ def _check_type(key: str, value: Any, kind: type) -> Any:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
+    # The strict reader: size cap, nesting depth bounded, non-finite numbers refused.
+    return read_toml_file(path, what="config file", error=ConfigError, max_bytes=MAX_CONFIG_BYTES)
 
 
 def _attack_specs(path: Path, tables: list[Any], folder: Path) -> tuple[AttackSpec, ...]:
@@ -251,7 +262,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         **values,
     )
     _check_config(config)
-    expand(config)  # every parameter value is checked before anything runs
+    expand(config)  # every parameter value is checked (and the cells counted) before anything runs
     return config
 
 
@@ -319,20 +330,51 @@ def _config_defaults(attack: Attack, config: BenchConfig, given: dict[str, Any])
     return filled
 
 
-def expand(config: BenchConfig) -> list[Cell]:
-    """Return every cell of the grid, in config order (attacks, then axes, then seeds)."""
-    targets = {k: _sha256(getattr(config, k)) for k in TARGET_KEYS}
-    cells = []
+def _axes(attack: Attack, config: BenchConfig, spec: AttackSpec) -> dict[str, list[Any]]:
+    given = _config_defaults(attack, config, spec.params)
+    axes = {k: v if isinstance(v, list) else [v] for k, v in given.items()}
+    for k, v in axes.items():
+        if not v:
+            raise ConfigError(f"attack {spec.name!r}: parameter {k!r} has an empty list")
+    return axes
+
+
+def count_cells(config: BenchConfig) -> int:
+    """Return how many cells the grid has, from the axis lengths alone (nothing is expanded).
+
+    Raise ConfigError past `MAX_CELLS`: the product of the axis lengths times the seeds is
+    counted before any cell is built, so a huge grid costs nothing to refuse.
+    """
+    total = 0
     for spec in config.attacks:
         try:
             attack = get_attack(spec.name)
         except AttackError as exc:
             raise ConfigError(str(exc)) from None
-        given = _config_defaults(attack, config, spec.params)
-        axes = {k: v if isinstance(v, list) else [v] for k, v in given.items()}
-        for k, v in axes.items():
-            if not v:
-                raise ConfigError(f"attack {spec.name!r}: parameter {k!r} has an empty list")
+        count = len(config.seeds)
+        for values in _axes(attack, config, spec).values():
+            count *= len(values)
+        total += count
+        if total > MAX_CELLS:
+            break
+    if total > MAX_CELLS:
+        raise ConfigError(
+            f"the config names more than {MAX_CELLS} cells (attacks x parameter values x seeds); "
+            "split it into smaller configs"
+        )
+    return total
+
+
+def iter_cells(config: BenchConfig) -> Iterator[Cell]:
+    """Yield every cell of the grid, in config order (attacks, then axes, then seeds), lazily.
+
+    Only a grid of at most `MAX_CELLS` cells is expanded; a parameter value an attack refuses
+    raises ConfigError when its cell is reached."""
+    count_cells(config)
+    targets = {k: _sha256(getattr(config, k)) for k in TARGET_KEYS}
+    for spec in config.attacks:
+        attack = get_attack(spec.name)
+        axes = _axes(attack, config, spec)
         keys = list(axes)
         for combo in itertools.product(*(axes[k] for k in keys)):
             grid = dict(zip(keys, combo, strict=True))
@@ -343,12 +385,22 @@ def expand(config: BenchConfig) -> list[Cell]:
             shown = {k: v for k, v in resolved.items() if k in spec.params}
             for seed in config.seeds:
                 cell_id = _cell_id(config, targets, attack=spec.name, params=resolved, seed=seed)
-                cells.append(
-                    Cell(cell_id, spec.name, resolved, shown, seed, spec.label or spec.name)
-                )
-    ids = [c.id for c in cells]
-    if len(set(ids)) != len(ids):
-        raise ConfigError("the config names the same cell twice (same attack, parameters and seed)")
+                yield Cell(cell_id, spec.name, resolved, shown, seed, spec.label or spec.name)
+
+
+def expand(config: BenchConfig) -> list[Cell]:
+    """Return every cell of the grid, in config order (attacks, then axes, then seeds).
+
+    The cells are counted first and a grid past `MAX_CELLS` is refused (ConfigError)."""
+    cells = []
+    ids: set[str] = set()
+    for cell in iter_cells(config):
+        if cell.id in ids:
+            raise ConfigError(
+                "the config names the same cell twice (same attack, parameters and seed)"
+            )
+        ids.add(cell.id)
+        cells.append(cell)
     return cells
 
 
@@ -664,12 +716,51 @@ def _finished(out: Path, cell: Cell) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+        record = read_json_file(
+            path, what="cell record", error=ConfigError, max_bytes=MAX_CELL_RECORD_BYTES
+        )
+    except ConfigError:
+        return None  # unreadable: the cell runs again
     if not isinstance(record, dict) or record.get("id") != cell.id or record.get("error"):
         return None
     return record
+
+
+def check_target(config: BenchConfig) -> None:
+    """Refuse a target whose credential or secret is unreadable, invalid or not its own.
+
+    The cheap checks, before the target is loaded: the credential is well formed and both of
+    its signatures verify, the secret file is well formed, was written for this credential, and
+    its seed matches the credential's commitment. Raise TargetError with one line.
+    """
+    from ticketguard.signatures.credential import read_credential, seed_for
+
+    try:
+        credential = read_credential(config.credential)
+        if not credential.valid:
+            raise TargetError(
+                f"target credential {config.credential}: invalid: {credential.problems[0]}; "
+                "nothing was run"
+            )
+        _, problem = seed_for(credential, secret_path=config.secret)
+    except CredentialError as exc:
+        raise TargetError(f"target: {exc}; nothing was run") from None
+    if problem is not None:
+        raise TargetError(f"target secret {config.secret}: {problem}; nothing was run")
+
+
+def _check_baseline(record: Mapping[str, Any]) -> None:
+    """Refuse a run whose unattacked target does not verify: no attack could be judged."""
+    if record.get("error"):
+        raise TargetError(
+            f"the unattacked target could not be verified ({record['error']}); nothing was run"
+        )
+    if not record.get("verified"):
+        reason = _one_line(record.get("reason") or "not verified")
+        raise TargetError(
+            "the unattacked target does not verify with its credential and secret "
+            f"({reason}); no attack can be judged against it, nothing was run"
+        )
 
 
 def _shared(config: BenchConfig) -> dict[str, Any]:
@@ -733,34 +824,50 @@ def run_bench(
 ) -> BenchResult:
     """Run the baseline and every unfinished cell (all with `fresh`), record each as it
     finishes, and write the reports. `on_start(pending, kept)` is called once before the first
-    cell runs, `on_cell(record)` after each. Ctrl-C stops the run; finished cells stay."""
+    cell runs, `on_cell(record)` after each. Ctrl-C stops the run; finished cells stay.
+
+    The target is checked first (`check_target`) and the unattacked target verified (the
+    baseline, in this process); a target that is unreadable or does not verify raises
+    TargetError before any attack runs, and nothing is written."""
     from ticketguard.attacks.report import write_reports
 
     out = Path(out)
     cells = expand(config)
     base = baseline_cell(config)
     attacks = {c.attack: get_attack(c.attack) for c in cells}
-    records: dict[str, dict[str, Any]] = {}
+    # The target must verify before any attack is judged against it; a run refused here writes
+    # nothing (no cell record, no report).
+    check_target(config)
+    shared = _shared(config)
+    baseline_record = None if fresh else _finished(out, base)
+    if baseline_record is not None and not baseline_record.get("verified"):
+        baseline_record = None  # kept by an older version: judge the target again
+    new_baseline = baseline_record is None
+    if baseline_record is None:
+        baseline_record = _json_ready(run_cell(shared, _job(base), None, str(out)))
+    _check_baseline(baseline_record)
+    records: dict[str, dict[str, Any]] = {base.id: baseline_record}
     pending: list[Cell] = []
-    for cell in [base, *cells]:
+    for cell in cells:
         done = None if fresh else _finished(out, cell)
         if done is not None:
             records[cell.id] = done
         else:
             pending.append(cell)
-    ran = sum(1 for c in pending if c.attack != BASELINE)
+    ran = len(pending)
     skipped = len(cells) - ran
     if on_start is not None:
         on_start(ran, skipped)
-    shared = _shared(config)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    if new_baseline:
+        write_json_atomic(cell_path(out, base.id), baseline_record)
     start = time.perf_counter()
 
     def finish(record: dict[str, Any]) -> None:
         ready = _json_ready(record)
         write_json_atomic(cell_path(out, record["id"]), ready)
         records[record["id"]] = ready
-        if on_cell is not None and record["attack"] != BASELINE:
+        if on_cell is not None:
             on_cell(ready)
 
     work = [(c, attacks.get(c.attack)) for c in pending]

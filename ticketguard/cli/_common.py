@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,18 +36,57 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+#: Most KEY=VALUE pairs one repeated option may carry.
+MAX_KWARGS = 256
+
+
 def parse_kwargs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
-    """Parse repeated KEY=VALUE options; values are JSON when they parse as JSON, else strings."""
+    """Parse repeated KEY=VALUE options; values are JSON when they parse as JSON, else strings.
+
+    Values go through the strict reader (ticketguard/documents.py): a value that is JSON but
+    that no option may hold (NaN, Infinity, 1e400, a lone surrogate, duplicate keys, deep
+    nesting) is refused with one line rather than passed on; a key given twice is refused too.
+    """
+    from ticketguard.documents import parse_json
+
+    if len(pairs) > MAX_KWARGS:
+        raise click.BadParameter(f"at most {MAX_KWARGS} KEY=VALUE pairs", param_hint=option)
     result: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=option)
+            raise click.BadParameter(f"{_shown(pair)} is not KEY=VALUE", param_hint=option)
+        if key in result:
+            raise click.BadParameter(f"{_shown(key)} is given twice", param_hint=option)
         try:
-            result[key] = json.loads(raw)
-        except json.JSONDecodeError:
+            result[key] = parse_json(raw, what=f"the value of {_shown(key)}", error=_NotJson)
+        except _NotJson as exc:
+            if ": not valid JSON (" not in str(exc):
+                raise click.BadParameter(str(exc), param_hint=option) from None
+            if not _is_unicode(raw):
+                raise click.BadParameter(
+                    f"the value of {_shown(key)} is not valid Unicode", param_hint=option
+                ) from None
             result[key] = raw
     return result
+
+
+class _NotJson(ConfigError):
+    """A KEY=VALUE value the strict JSON reader did not take (not JSON, or refused)."""
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """A short, printable repr of a command-line value (for one-line messages)."""
+    shown = repr(text).encode("ascii", "backslashreplace").decode("ascii")
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 device_option = click.option(

@@ -54,7 +54,10 @@ def bench(
     Finished cells are kept in OUT/cells and skipped when the command is run again with the
     same target and settings (--fresh runs them again; Ctrl-C keeps them). Writes
     OUT/results.csv, results.json, plots.png, report.md and report.html, and prints the table.
-    Exit code 1 if any cell failed, 2 for a bad config.
+    A config of more than 10,000 cells is refused. The unattacked target is verified first: a
+    target that is unreadable or does not verify with its credential and secret is refused
+    before any attack runs, and nothing is written. Exit code 1 if any cell failed or the
+    target was refused, 2 for a bad config.
 
     \b
     Example:

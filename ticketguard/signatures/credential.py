@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ticketguard.documents import parse_json, read_bounded
 from ticketguard.errors import ConfigError, CredentialError
 from ticketguard.files import atomic_path, canonical_json, sha256_hex
 from ticketguard.signatures.keys import (
@@ -262,14 +263,19 @@ def _document_problems(raw: bytes) -> tuple[dict[str, Any] | None, list[str]]:
     if not text.strip():
         return None, ["the file is empty"]
     try:
-        parsed = json.loads(text)
-    except (ValueError, RecursionError):
-        return None, ["the file is not JSON"]
+        # The strict reader: no duplicate keys, NaN, Infinity, 1e400, lone surrogates or deep
+        # nesting, so every document it returns can be written back as canonical JSON.
+        parsed = parse_json(text, what="the file", error=CredentialError)
+    except CredentialError as exc:
+        detail = str(exc).removeprefix("the file: ")
+        if detail.startswith("not valid JSON "):
+            return None, ["the file is not JSON " + detail.removeprefix("not valid JSON ")]
+        return None, [f"the file is not JSON ({detail})"]
     if not isinstance(parsed, dict):
         return None, [f"the file holds a JSON {type(parsed).__name__}, not a credential object"]
     problems = []
     try:
-        canonical = canonical_json(parsed).encode("utf-8")
+        canonical: bytes | None = canonical_json(parsed).encode("utf-8")
     except (ValueError, RecursionError):
         canonical = None
     if canonical != raw:
@@ -280,14 +286,22 @@ def _document_problems(raw: bytes) -> tuple[dict[str, Any] | None, list[str]]:
         problems.append(
             "the file has no format field"
             if fmt is None
-            else f"unknown credential format {fmt!r} (expected {CREDENTIAL_FORMAT!r})"
+            else f"unknown credential format {_shown(fmt)} (expected {CREDENTIAL_FORMAT!r})"
         )
         return parsed, problems
     field_problems = _field_problems(parsed)
     problems += field_problems
-    if not field_problems:
+    if not field_problems and canonical is not None:
         problems += _signature_problems(parsed)
     return parsed, problems
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """A short, printable rendering of a value read from a file (for one-line messages)."""
+    text = value if isinstance(value, str) else type(value).__name__
+    text = text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 #: Credentials are a few kilobytes; anything far larger is not one.
@@ -297,19 +311,10 @@ MAX_SECRET_BYTES = 64 << 20
 
 
 def _read_small(p: Path, what: str, limit: int = MAX_FILE_BYTES) -> bytes:
-    """Read a file of at most `limit` bytes, or raise CredentialError with one line."""
-    try:
-        with p.open("rb") as f:
-            raw = f.read(limit + 1)
-    except FileNotFoundError:
-        raise CredentialError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise CredentialError(f"{p} is a directory, not a {what}") from None
-    except OSError as exc:
-        raise CredentialError(f"cannot read {p}: {exc.strerror or exc}") from None
-    if len(raw) > limit:
-        raise CredentialError(f"{p}: larger than {limit} bytes, not a {what}")
-    return raw
+    """Read a regular file of at most `limit` bytes, or raise CredentialError with one line."""
+    if p.is_dir():
+        raise CredentialError(f"{p} is a directory, not a {what}")
+    return read_bounded(p, what=what, error=CredentialError, max_bytes=limit)
 
 
 def read_credential(path: str | os.PathLike[str]) -> Credential:
@@ -349,20 +354,70 @@ def write_secret(
         raise CredentialError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+#: The fields of a secret file (all but trigger_set are required).
+SECRET_KEYS = ("format", "seed", "credential_sha256", "fingerprint", "trigger_set")
+
+
 def read_secret_document(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return a secret file's document with its seed checked; raise CredentialError if malformed."""
+    """Return a secret file's document, every field checked; raise CredentialError if malformed.
+
+    The file is read strictly (size cap, no duplicate keys, no non-finite numbers, bounded
+    nesting). Its format, its 32-byte hex seed, its credential_sha256 and fingerprint (64
+    lowercase hex digits each) and the outline of any trigger set are checked here; whether the
+    seed, the hashes and the trigger set belong to a credential is checked where they are used
+    (`seed_for`, verification's `resolve_triggers`).
+    """
+    from ticketguard.errors import TriggerSetError
+    from ticketguard.signatures.triggers import check_trigger_dict
+
     p = Path(path)
     raw = _read_small(p, "secret file", MAX_SECRET_BYTES)
     try:
-        document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise CredentialError(f"{p} is not a ticketguard secret file (not JSON)") from None
+        document = parse_json(raw, what=f"{p}", error=CredentialError)
+    except CredentialError as exc:
+        detail = str(exc).removeprefix(f"{p}: ")
+        why = "" if detail.startswith("not valid JSON") else f": {detail}"
+        raise CredentialError(f"{p} is not a ticketguard secret file (not JSON){why}") from None
     if not isinstance(document, dict) or document.get("format") != SECRET_FORMAT:
         raise CredentialError(f"{p} is not a ticketguard secret file (format {SECRET_FORMAT})")
+    unknown = sorted(k for k in document if k not in SECRET_KEYS)
+    if unknown:
+        raise CredentialError(f"{p}: unknown field {_shown(unknown[0])} in the secret file")
     seed_hex = document.get("seed")
     if not isinstance(seed_hex, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", seed_hex):
         raise CredentialError(f"{p}: the seed is not {SEED_BYTES} bytes of hex")
+    for name in ("credential_sha256", "fingerprint"):
+        if not _is_sha256_hex(document.get(name)):
+            raise CredentialError(
+                f"{p}: the {name} field is missing or not 64 lowercase hex digits"
+            )
+    if "trigger_set" in document:
+        try:
+            check_trigger_dict(document["trigger_set"], what=f"{p}: trigger_set")
+        except TriggerSetError as exc:
+            raise CredentialError(str(exc)) from None
     return document
+
+
+def secret_mismatch(credential: Credential, secret: dict[str, Any]) -> str | None:
+    """Return why a (checked) secret document does not belong to `credential`, or None.
+
+    A secret file records the SHA-256 of its credential's bytes and the signed ticket's
+    fingerprint (the credential's fingerprint_after); a secret edited or paired with another
+    credential is refused.
+    """
+    if not hmac.compare_digest(str(secret.get("credential_sha256")), credential.sha256):
+        return (
+            "the revealed secret file is not for this credential (its credential_sha256 is not "
+            "the SHA-256 of the credential file)"
+        )
+    after = (credential.document or {}).get("fingerprint_after")
+    if not isinstance(after, str) or not hmac.compare_digest(str(secret.get("fingerprint")), after):
+        return (
+            "the revealed secret file is not for this credential (its fingerprint is not the "
+            "credential's fingerprint_after)"
+        )
+    return None
 
 
 def read_secret(path: str | os.PathLike[str]) -> bytes:
@@ -401,7 +456,11 @@ def seed_for(
             "(a random seed? give the secret file)"
         )
     if secret_path is not None:
-        seed = read_secret(secret_path)
+        secret = read_secret_document(secret_path)
+        mismatch = secret_mismatch(credential, secret)
+        if mismatch is not None:
+            return None, mismatch
+        seed = bytes.fromhex(secret["seed"])
         if credential.check_seed(seed):
             return seed, None
         problem = "the revealed seed does not match the credential's commitment"

@@ -33,6 +33,8 @@ PUBLIC_HEADER = "ticketguard owner public key"
 OWNER_MAX_CHARS = 200
 # Key files are a few hundred bytes; anything much larger is some other file given by mistake.
 _MAX_KEY_FILE_BYTES = 64 * 1024
+#: Longest passphrase read from a passphrase file (a passphrase, not a document).
+MAX_PASSPHRASE_BYTES = 64 * 1024
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _PEM_BLOCK = re.compile(
     r"^-----BEGIN ([A-Z0-9 ]+)-----[ \t]*\r?\n(.*?)^-----END \1-----[ \t\r]*$",
@@ -272,9 +274,11 @@ def _read_key_file(path: str | os.PathLike[str], kind: str) -> _KeyFile:
     """Read a PEM key file: its first PEM block and the owner from the text before it."""
     p = Path(path)
     try:
-        if p.stat().st_size > _MAX_KEY_FILE_BYTES:
+        # Read at most one byte past the cap: a device or a growing file cannot make us read more.
+        with p.open("rb") as handle:
+            data = handle.read(_MAX_KEY_FILE_BYTES + 1)
+        if len(data) > _MAX_KEY_FILE_BYTES:
             raise KeyFileError(f"{p} is not a ticketguard {kind} file (too large)")
-        data = p.read_bytes()
     except FileNotFoundError:
         raise KeyFileError(f"{p}: no such file") from None
     except IsADirectoryError:
@@ -359,11 +363,19 @@ def passphrase_from(
     if file is not None:
         p = Path(file)
         try:
-            data = p.read_bytes()
+            # Bounded, and not only regular files: `--passphrase-file <(pass show key)` is a pipe.
+            with p.open("rb") as handle:
+                data = handle.read(MAX_PASSPHRASE_BYTES + 1)
         except FileNotFoundError:
             raise KeyFileError(f"passphrase file {p}: no such file") from None
+        except IsADirectoryError:
+            raise KeyFileError(f"passphrase file {p} is a directory") from None
         except OSError as exc:
             raise KeyFileError(f"cannot read passphrase file {p}: {exc.strerror or exc}") from None
+        if len(data) > MAX_PASSPHRASE_BYTES:
+            raise KeyFileError(
+                f"passphrase file {p} is larger than {MAX_PASSPHRASE_BYTES} bytes; not a passphrase"
+            )
         # Only the one newline an editor adds is dropped; other whitespace is part of it.
         if data.endswith(b"\r\n"):
             data = data[:-2]

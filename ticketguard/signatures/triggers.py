@@ -36,6 +36,7 @@ __all__ = [
     "SOURCES",
     "TRIGGER_FORMAT",
     "TriggerSet",
+    "check_trigger_dict",
     "generate_triggers",
     "load_trigger_folder",
 ]
@@ -63,6 +64,14 @@ _DIGITS = re.compile(r"\d+")
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A short, printable repr of a value read from a file (for one-line messages)."""
+    text = repr(value)
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -190,66 +199,89 @@ class TriggerSet:
     @classmethod
     def from_dict(cls, data: object, *, what: str = "trigger set") -> TriggerSet:
         """Read a trigger set from untrusted JSON, refusing anything malformed or oversized."""
-        if not isinstance(data, Mapping):
-            raise TriggerSetError(f"{what}: expected an object, got {type(data).__name__}")
-        keys = set(data)
-        if keys != _DICT_KEYS:
-            missing = sorted(map(str, _DICT_KEYS - keys))
-            extra = sorted(map(str, keys - _DICT_KEYS))
-            raise TriggerSetError(f"{what}: missing keys {missing}, unknown keys {extra}")
-        if data["format"] != TRIGGER_FORMAT:
-            raise TriggerSetError(
-                f"{what}: format must be {TRIGGER_FORMAT!r}, got {data['format']!r}"
-            )
-        source = data["source"]
-        if not isinstance(source, str) or source not in SOURCES:
-            raise TriggerSetError(f"{what}: source must be one of {SOURCES}, got {source!r}")
-        shape = data["shape"]
-        if (
-            not isinstance(shape, list)
-            or len(shape) != 4
-            or not all(_is_int(v) and v >= 1 for v in shape)
-        ):
-            raise TriggerSetError(f"{what}: shape must be 4 positive integers, got {shape!r}")
-        n, c, h, w = shape
-        if n > MAX_TRIGGERS:
-            raise TriggerSetError(f"{what}: at most {MAX_TRIGGERS} images, shape claims {n}")
-        if c * h * w > MAX_IMAGE_VALUES or n * c * h * w > MAX_TOTAL_VALUES:
-            raise TriggerSetError(f"{what}: shape {shape} is too large")
-        labels = data["labels"]
-        if not isinstance(labels, list) or len(labels) != n:
-            raise TriggerSetError(f"{what}: labels must be a list of {n} integers")
-        for i, v in enumerate(labels):
-            if not _is_int(v) or not 0 <= v < 2**63:
-                raise TriggerSetError(f"{what}: label {i} must be an integer >= 0, got {v!r}")
-        names = data["names"]
-        if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
-            raise TriggerSetError(f"{what}: names must be a list of strings")
-        expected_names = n if source == "folder" else 0
-        if len(names) != expected_names:
-            raise TriggerSetError(
-                f"{what}: a {source} set has {expected_names} names, got {len(names)}"
-            )
+        n, c, h, w = check_trigger_dict(data, what=what)
+        assert isinstance(data, Mapping)
         raw = _decode_images(data["images"], n * c * h * w, what)
         images = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(n, c, h, w)
         try:
             return cls(
                 images=images,
-                labels=torch.tensor(labels, dtype=torch.int64),
-                source=source,
-                names=tuple(names),
+                labels=torch.tensor(data["labels"], dtype=torch.int64),
+                source=data["source"],
+                names=tuple(data["names"]),
             )
         except TriggerSetError as exc:
             raise TriggerSetError(f"{what}: {exc}") from None
+
+
+def check_trigger_dict(data: object, *, what: str = "trigger set") -> tuple[int, int, int, int]:
+    """Check the outline of a trigger set's JSON form without decoding its images.
+
+    Every field is checked (keys, format, source, a 4-integer shape within the size limits,
+    labels, names, images a string no longer than the shape can need); return the shape. A
+    secret file's copy is checked this way when it is read, and decoded only where it is used.
+    """
+    if not isinstance(data, Mapping):
+        raise TriggerSetError(f"{what}: expected an object, got {type(data).__name__}")
+    keys = set(data)
+    if keys != _DICT_KEYS:
+        missing = sorted(map(str, _DICT_KEYS - keys))
+        extra = sorted(map(str, keys - _DICT_KEYS))[:5]
+        raise TriggerSetError(f"{what}: missing keys {missing}, unknown keys {extra}")
+    if data["format"] != TRIGGER_FORMAT:
+        raise TriggerSetError(
+            f"{what}: format must be {TRIGGER_FORMAT!r}, got {_shown(data['format'])}"
+        )
+    source = data["source"]
+    if not isinstance(source, str) or source not in SOURCES:
+        raise TriggerSetError(f"{what}: source must be one of {SOURCES}, got {_shown(source)}")
+    shape = data["shape"]
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 4
+        or not all(_is_int(v) and v >= 1 for v in shape)
+    ):
+        raise TriggerSetError(f"{what}: shape must be 4 positive integers, got {_shown(shape)}")
+    n, c, h, w = shape
+    if n > MAX_TRIGGERS:
+        raise TriggerSetError(f"{what}: at most {MAX_TRIGGERS} images, shape claims {n}")
+    if c * h * w > MAX_IMAGE_VALUES or n * c * h * w > MAX_TOTAL_VALUES:
+        raise TriggerSetError(f"{what}: shape {shape} is too large")
+    labels = data["labels"]
+    if not isinstance(labels, list) or len(labels) != n:
+        raise TriggerSetError(f"{what}: labels must be a list of {n} integers")
+    for i, v in enumerate(labels):
+        if not _is_int(v) or not 0 <= v < 2**63:
+            raise TriggerSetError(f"{what}: label {i} must be an integer >= 0, got {_shown(v)}")
+    names = data["names"]
+    if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
+        raise TriggerSetError(f"{what}: names must be a list of strings")
+    expected_names = n if source == "folder" else 0
+    if len(names) != expected_names:
+        raise TriggerSetError(
+            f"{what}: a {source} set has {expected_names} names, got {len(names)}"
+        )
+    images = data["images"]
+    if not isinstance(images, str):
+        raise TriggerSetError(f"{what}: images must be a base64 string")
+    expected = n * c * h * w
+    if len(images) > _max_encoded_length(expected):
+        raise TriggerSetError(f"{what}: images data is longer than {expected} pixels can need")
+    return int(n), int(c), int(h), int(w)
+
+
+def _max_encoded_length(expected: int) -> int:
+    """Longest base64 text an honest zlib encoding of `expected` bytes can have."""
+    # zlib's compressBound is below this, so a longer string cannot be an honest encoding.
+    limit = expected + expected // 1000 + 64
+    return 4 * ((limit + 2) // 3)
 
 
 def _decode_images(text: object, expected: int, what: str) -> bytes:
     """Return exactly `expected` pixel bytes from base64 zlib data, never inflating more."""
     if not isinstance(text, str):
         raise TriggerSetError(f"{what}: images must be a base64 string")
-    # zlib's compressBound is below this, so a longer string cannot be an honest encoding.
-    limit = expected + expected // 1000 + 64
-    if len(text) > 4 * ((limit + 2) // 3):
+    if len(text) > _max_encoded_length(expected):
         raise TriggerSetError(f"{what}: images data is longer than {expected} pixels can need")
     try:
         compressed = base64.b64decode(text.encode("ascii"), validate=True)
@@ -425,8 +457,17 @@ def generate_triggers(
 # --- the Adi et al. folder format ----------------------------------------------------------------
 
 
-def _find_labels_file(folder: Path, labels_file: str | Path | None) -> Path:
+def _inside(path: Path, root: Path) -> bool:
+    """Return whether `path`, every link followed, stays inside the (resolved) folder `root`."""
+    try:
+        return path.resolve(strict=True).is_relative_to(root)
+    except (OSError, RuntimeError):  # a dangling link or a loop
+        return False
+
+
+def _find_labels_file(folder: Path, labels_file: str | Path | None, root: Path) -> Path:
     if labels_file is not None:
+        # Named on the command line: the owner chose it, wherever it is.
         path = Path(labels_file)
         if not path.is_file():
             raise TriggerSetError(f"labels file {path} does not exist or is not a file")
@@ -439,38 +480,50 @@ def _find_labels_file(folder: Path, labels_file: str | Path | None) -> Path:
         raise TriggerSetError(
             f"trigger folder {folder} has more than one labels file ({listed}); name one"
         )
+    if not _inside(found[0], root):
+        raise TriggerSetError(
+            f"labels file {found[0]} is a link to a file outside the trigger folder; refused"
+        )
     return found[0]
 
 
 def _read_labels(path: Path, num_classes: int) -> list[int]:
-    """Parse one integral number per line (floats such as 6.0e+00 allowed); trailing blanks ignored."""
+    """Parse one integral number per line (floats such as 6.0e+00 allowed); trailing blanks ignored.
+
+    A line that is not a label is named by its number only: the file may be any file the
+    caller can read, and its content is not echoed.
+    """
     try:
-        if path.stat().st_size > _MAX_LABELS_FILE_BYTES:
-            raise TriggerSetError(f"labels file {path} is too large to be a labels file")
-        text = path.read_bytes().decode("utf-8-sig")
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_LABELS_FILE_BYTES + 1)
     except OSError as exc:
         raise TriggerSetError(f"labels file {path} cannot be read: {exc.strerror}") from None
+    if len(data) > _MAX_LABELS_FILE_BYTES:
+        raise TriggerSetError(f"labels file {path} is too large to be a labels file")
+    try:
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise TriggerSetError(f"labels file {path} is not UTF-8 text") from None
     lines = [line.strip() for line in text.splitlines()]
     while lines and not lines[-1]:
         lines.pop()
+    expected = f"expected one integer label in [0, {num_classes}) per line"
     labels = []
     for number, line in enumerate(lines, start=1):
         where = f"labels file {path}, line {number}"
         if not line:
-            raise TriggerSetError(f"{where}: blank line")
+            raise TriggerSetError(f"{where}: blank line ({expected})")
         if _NUMBER.fullmatch(line) is None:
-            raise TriggerSetError(f"{where}: {line!r} is not a number")
+            raise TriggerSetError(f"{where}: not a number ({expected})")
         try:
             value = Decimal(line)
             integral = value == value.to_integral_value()
         except InvalidOperation:
-            raise TriggerSetError(f"{where}: {line!r} is not a number") from None
+            raise TriggerSetError(f"{where}: not a number ({expected})") from None
         if not integral:
-            raise TriggerSetError(f"{where}: {line!r} is not an integer")
+            raise TriggerSetError(f"{where}: not an integer ({expected})")
         if not 0 <= value < num_classes:
-            raise TriggerSetError(f"{where}: label {line} is outside [0, {num_classes})")
+            raise TriggerSetError(f"{where}: a label outside [0, {num_classes})")
         labels.append(int(value))
     return labels
 
@@ -540,17 +593,29 @@ def load_trigger_folder(
         raise TriggerSetError(f"trigger folder {folder} does not exist")
     if not folder.is_dir():
         raise TriggerSetError(f"trigger folder {folder} is not a directory")
+    root = folder.resolve()
     pics = folder / "pics"
     if not pics.is_dir():
         raise TriggerSetError(f"trigger folder {folder} has no pics/ subfolder")
-    names = [p.name for p in pics.iterdir() if not p.name.startswith(".") and p.is_file()]
+    if not _inside(pics, root):
+        raise TriggerSetError(f"{pics} is a link to a folder outside {folder}; refused")
+    names = []
+    for entry in pics.iterdir():
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        if not _inside(entry, root):
+            # A link out of the folder would read (and commit to) a file the folder does not hold.
+            raise TriggerSetError(f"{entry} is a link to a file outside {folder}; refused")
+        names.append(entry.name)
+        if len(names) > MAX_TRIGGERS:
+            break
     if not names:
         raise TriggerSetError(f"{pics} holds no image files")
     if len(names) > MAX_TRIGGERS or len(names) * c * h * w > MAX_TOTAL_VALUES:
         raise TriggerSetError(
             f"{pics} holds {len(names)} images, too many for a trigger set at {(c, h, w)}"
         )
-    path = _find_labels_file(folder, labels_file)
+    path = _find_labels_file(folder, labels_file, root)
     labels = _read_labels(path, num_classes)
     if len(labels) != len(names):
         raise TriggerSetError(
