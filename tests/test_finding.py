@@ -120,6 +120,85 @@ def test_resume_continues_an_interrupted_run_to_the_same_ticket(tmp_path, monkey
         )
 
 
+class _Notes:
+    """A silent reporter that keeps the notes a run gives about its folder."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, line: str) -> None:
+        self.notes.append(line)
+
+    def round_started(self, round_index: int, iterations: int) -> None:
+        pass
+
+    def advance(self, steps: int) -> None:
+        pass
+
+    def round_finished(self, record) -> None:
+        pass
+
+
+def test_resume_redoes_a_truncated_last_round_and_removes_temporary_files(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    config = FindConfig(rounds=2, train=TrainConfig(epochs=1), arch_kwargs={"width": 8})
+    full = find_ticket(config, tmp_path / "full", device="cpu")
+    out = tmp_path / "cut"
+    shutil.copytree(full.run_dir, out)
+    last = paths.round_ticket(out, 2)
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a truncated round file
+    paths.final_ticket(out).unlink()
+    stray = [out / ".final.ticket.k2j4x9q1.tmp", out / "rounds" / ".round-02.ticket.ab_cd123.tmp"]
+    for path in stray:
+        path.write_bytes(b"half")
+    reporter = _Notes()
+    resumed = find_ticket(config, out, device="cpu", resume=True, reporter=reporter)
+    redone = [n for n in reporter.notes if n.startswith("redoing round")]
+    assert len(redone) == 1 and redone[0].startswith("redoing round 2: ")
+    assert "round-02.ticket is damaged" in redone[0]
+    assert any("removed 2 staging/temporary file(s)" in n for n in reporter.notes)
+    assert [r["round"] for r in resumed.rounds] == [0, 1, 2]
+    assert "redone" in resumed.rounds[2] and "redone" not in resumed.rounds[1]
+    log = json.loads(paths.log_file(out).read_text())
+    assert "damaged" in log["rounds"][2]["redone"]
+    assert paths.final_ticket(out).read_bytes() == paths.final_ticket(full.run_dir).read_bytes()
+    assert not any(p.exists() for p in stray)
+    assert not [p.name for p in out.rglob(".*")]  # no lock, journal or temporary file left
+
+
+def test_a_damaged_round_is_redone_with_every_round_after_it(tmp_path, small_run) -> None:
+    out = tmp_path / "mid"
+    shutil.copytree(small_run.run_dir, out)
+    paths.round_ticket(out, 1).write_bytes(b"not a ticket")
+    reporter = _Notes()
+    resumed = find_ticket(SMALL, out, device="cpu", resume=True, reporter=reporter)
+    assert [n.split(":")[0] for n in reporter.notes] == ["redoing round 1", "redoing round 2"]
+    assert [bool(r.get("redone")) for r in resumed.rounds] == [False, True, True]
+    assert resumed.ticket.mask.is_subset_of(load_ticket(paths.round_ticket(out, 1)).mask)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"[" * 5000 + b"]" * 5000, "nested deeper than"),
+        (b'{"run_hash": "\xff\xfe"}', "not UTF-8"),
+        (b'{"run_hash": 1, "run_hash": 2}', "duplicate key"),
+    ],
+)
+def test_resume_reads_config_json_strictly(tmp_path, content, message) -> None:
+    from cli_helpers import error_line, invoke
+
+    out = tmp_path / "run"
+    out.mkdir()
+    paths.config_file(out).write_bytes(content)
+    line = error_line(invoke(["find", "--out", out, "--resume", "--rounds", "0"]), 1)
+    assert message in line and str(paths.config_file(out)) in line
+    with pytest.raises(RunStateError, match=message):
+        find_ticket(SMALL, out, device="cpu", resume=True)
+
+
 def test_more_rounds_extend_a_finished_run(tmp_path, small_run) -> None:
     out = tmp_path / "more"
     shutil.copytree(small_run.run_dir, out)

@@ -3,7 +3,8 @@
 What is written depends on what the attack makes: an attacked model is a ticket file (its mask is
 the pattern of weights the model keeps); an ambiguity attack that makes a claim of its own (forge,
 fake triggers) writes the attacker's signed ticket, credential and secret like `sign`; a
-measurement (key search) writes a JSON report. Writes are atomic and never replace an input.
+measurement (key search) writes a JSON report. What one run writes is committed at once (a crash
+leaves the old files or the new ones, docs/outputs.md) and never replaces an input.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ticketguard.attacks.base import (
     run_attack,
 )
 from ticketguard.errors import ArchitectureError, RunStateError
-from ticketguard.files import atomic_path
+from ticketguard.files import hold_outputs, writing
 from ticketguard.tickets.ticket import Ticket
 
 
@@ -142,34 +143,57 @@ def attack_file(
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     force: bool = False,
+    notes: list[str] | None = None,
 ) -> AttackRun:
-    """Run attack `name` on the model file `model` and write its output to `out`."""
+    """Run attack `name` on the model file `model` and write its output to `out`.
+
+    The outputs' lock is held for the whole run (a second run on the same outputs refuses),
+    and the outputs are checked again under it; they are written all at once (`write_result`).
+    An interrupted earlier write of them is first finished or undone; `notes` gets a line each.
+    """
     attack = get_attack(name)
     resolved = attack.resolve(params or {})
     outputs = output_paths(name, out)
     inputs: list[str | Path] = [model]
     inputs += [v for p, v in resolved.items() if attack.param(p).is_path and v]
     # A measurement's claim is checked before the run, so a long grind is never lost to it.
-    check_outputs(outputs + (claim_paths(out) if name in MEASUREMENTS else []), inputs, force)
-    context = context or AttackContext()
-    ticket = load_target(model, arch=arch, arch_kwargs=arch_kwargs, dataset=context.dataset)
-    result = run_attack(name, ticket, resolved, seed=seed, context=context)
-    written = write_result(name, result, out, inputs=inputs)
+    every = outputs + (claim_paths(out) if name in MEASUREMENTS else [])
+    check_outputs(every, inputs, force)
+    with hold_outputs(set_key(name, out), every, label=str(out), notes=notes):
+        check_outputs(every, inputs, force)
+        context = context or AttackContext()
+        ticket = load_target(model, arch=arch, arch_kwargs=arch_kwargs, dataset=context.dataset)
+        result = run_attack(name, ticket, resolved, seed=seed, context=context)
+        written = write_result(name, result, out, inputs=inputs)
     return AttackRun(name, resolved, seed, result, written)
+
+
+def set_key(name: str, out: str | Path) -> Path:
+    """The key of the output set `attack NAME --out OUT` writes (its lock and journal name)."""
+    return output_paths(name, out)[0]
 
 
 def write_result(
     name: str, result: AttackResult, out: str | Path, *, inputs: Sequence[str | Path] = ()
 ) -> list[Path]:
     """Write an attack's output: the signed claim, the attacked model, or the measurement (and
-    the claim a measurement found, beside it); return the paths written."""
+    the claim a measurement found, beside it); return the paths written.
+
+    Everything one run writes is one output set, committed at once (ticketguard.files.writing):
+    a crash leaves the old files or, once the next run on these outputs has finished the
+    journal, the new ones.
+    """
     from ticketguard.signatures.signing import write_signed
 
+    key = set_key(name, out)
     if result.claim is not None and result.ticket is not None:
-        write_signed(result.claim, out, inputs=inputs)
-        return output_paths(name, out)
+        members = output_paths(name, out)
+        with writing(key, members, label=str(out)) as files:
+            write_signed(result.claim, out, inputs=inputs, transaction=files)
+        return members
     if result.ticket is not None:
-        result.ticket.save(out)
+        with writing(key, [Path(out)], label=str(out)) as files:
+            result.ticket.save(files.stage(out))
         return [Path(out)]
     from ticketguard.verify.stats import _json_safe
 
@@ -178,12 +202,12 @@ def write_result(
         "seconds": result.seconds,
         "details": _json_safe(result.details),
     }
-    with atomic_path(out) as tmp:
-        Path(tmp).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    if result.claim is None:
-        return [Path(out)]
-    found = claim_paths(out)
-    write_signed(result.claim, found[0], inputs=inputs)
+    found = claim_paths(out) if result.claim is not None else []
+    with writing(key, [Path(out), *found], label=str(out)) as files:
+        staged = files.stage(out)
+        staged.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        if result.claim is not None:
+            write_signed(result.claim, found[0], inputs=inputs, transaction=files)
     return [Path(out), *found]
 
 

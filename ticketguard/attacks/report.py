@@ -615,29 +615,61 @@ def _html(
     return "\n".join(parts) + "\n"
 
 
+REPORT_NAMES = (CSV_NAME, JSON_NAME, PLOT_NAME, MD_NAME, HTML_NAME)
+
+
+def bench_lock(out: str | Path, *, notes: list[str] | None = None) -> Any:
+    """A context manager holding the bench folder's lock (`out/.ticketguard.lock`) for a whole
+    run: another run on `out` refuses with one line; an interrupted report commit is finished
+    first (a line each in `notes`). `write_reports` takes the same lock again (re-entrant)."""
+    from ticketguard.files import directory_key, hold_outputs
+
+    out = Path(out)
+    members = [out / n for n in REPORT_NAMES]
+    return hold_outputs(directory_key(out), members, label=str(out), notes=notes)
+
+
 def write_reports(
     records: Sequence[Record], config: Any, out: Path, *, baseline: Record | None = None
 ) -> list[Path]:
     """Write results.csv, results.json, plots.png (when some cell can be plotted), report.md
-    and report.html into `out`; return the paths written."""
+    and report.html into `out`; return the paths written.
+
+    The reports are one output set (ticketguard.files.writing, key `out/.ticketguard.*`): they
+    are staged and committed at once, so a crash leaves the previous reports or, once the next
+    run on `out` has finished the journal, these; a stale plot is removed in the same commit.
+    Another run writing reports into `out` meanwhile is waited for.
+    """
+    from ticketguard.files import directory_key, writing
+
     out = Path(out)
     written = [out / CSV_NAME, out / JSON_NAME]
-    write_csv(records, out / CSV_NAME)
-    write_json_atomic(
-        out / JSON_NAME,
-        {"config": config.to_dict(), "baseline": baseline, "cells": list(records)},
-    )
-    plot = out / PLOT_NAME
-    has_plot = write_plots(records, plot, config.max_drop, config.alpha, config.security_bits)
-    if has_plot:
-        written.append(plot)
-    else:
-        plot.unlink(missing_ok=True)  # an earlier run's plot would not match these cells
-    rows = summary_rows(records)
-    write_text_atomic(out / MD_NAME, _markdown(rows, config, records, baseline, has_plot))
-    write_text_atomic(
-        out / HTML_NAME, _html(rows, config, records, baseline, plot if has_plot else None)
-    )
+    with writing(
+        directory_key(out), [out / n for n in REPORT_NAMES], label=str(out), wait=True
+    ) as files:
+        write_csv(records, files.stage(out / CSV_NAME))
+        write_json_atomic(
+            files.stage(out / JSON_NAME),
+            {"config": config.to_dict(), "baseline": baseline, "cells": list(records)},
+        )
+        plot = out / PLOT_NAME
+        staged_plot = files.stage(plot)
+        has_plot = write_plots(
+            records, staged_plot, config.max_drop, config.alpha, config.security_bits
+        )
+        if has_plot:
+            written.append(plot)
+        else:
+            files.unstage(plot)
+            files.remove(plot)  # an earlier run's plot would not match these cells
+        rows = summary_rows(records)
+        write_text_atomic(
+            files.stage(out / MD_NAME), _markdown(rows, config, records, baseline, has_plot)
+        )
+        write_text_atomic(
+            files.stage(out / HTML_NAME),
+            _html(rows, config, records, baseline, staged_plot if has_plot else None),
+        )
     return written + [out / MD_NAME, out / HTML_NAME]
 
 

@@ -84,6 +84,7 @@ def _command(name: str) -> click.Command:
         context = AttackContext(
             device=resolve_device(device), data_dir=data_dir, download=download, dataset=dataset
         )
+        notes: list[str] = []
         done = attack_file(
             name,
             model,
@@ -94,7 +95,10 @@ def _command(name: str) -> click.Command:
             arch=arch,
             arch_kwargs=parse_kwargs(arch_arg, "--arch-arg") if arch_arg else None,
             force=force,
+            notes=notes,
         )
+        for line in notes:
+            click.echo(f"note: {line}", err=True)
         for line in describe(done):
             click.echo(line)
 

@@ -109,6 +109,10 @@ class RichReporter:
         self.task = None
         self.records: list[Mapping[str, Any]] = []
 
+    def note(self, line: str) -> None:
+        """A line about the run folder (an interrupted write finished, a round redone)."""
+        click.echo(f"note: {line}", err=True)
+
     def round_started(self, round_index: int, iterations: int) -> None:
         if not self.progress.disable:
             self.progress.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -32,6 +34,18 @@ def _retrain_config(epochs: int, lr: float, start: str, dataset: str | None, see
         return RetrainConfig(epochs=epochs, lr=lr, start=start, dataset=dataset, seed=seed)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _outputs_held(key: Path, members: list[Path]) -> Iterator[None]:
+    """Hold the lock of an output set for a command's whole run; finish an interrupted write."""
+    from ticketguard.files import hold_outputs
+
+    notes: list[str] = []
+    with hold_outputs(key, members, label=str(key), notes=notes):
+        for line in notes:
+            click.echo(f"note: {line}", err=True)
+        yield
 
 
 dataset_option = click.option(
@@ -299,18 +313,21 @@ def sign(
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    result = sign_file(
-        ticket,
-        key_path,
-        out,
-        passphrase=_passphrase(passphrase_file),
-        config=config,
-        device=device,
-        data_dir=data_dir,
-        download=download,
-        force=force,
-    )
     ticket_path, cred_path, secret_path = output_paths(out)
+    # The outputs' lock is held for the whole run: a second run on the same --out refuses at
+    # once, and the existence check below it sees a finished set (docs/outputs.md).
+    with _outputs_held(ticket_path, [ticket_path, cred_path, secret_path]):
+        result = sign_file(
+            ticket,
+            key_path,
+            out,
+            passphrase=_passphrase(passphrase_file),
+            config=config,
+            device=device,
+            data_dir=data_dir,
+            download=download,
+            force=force,
+        )
     params = result.params
     if isinstance(params, W3Params):
         size = params.size
@@ -418,17 +435,18 @@ def thin(
         dataset,
         seed,
     )
-    result = thin_file(
-        ticket,
-        paths,
-        out,
-        config=config,
-        seed=seed,
-        device=device,
-        data_dir=data_dir,
-        download=download,
-        force=force,
-    )
+    with _outputs_held(Path(out), [Path(out)]):
+        result = thin_file(
+            ticket,
+            paths,
+            out,
+            config=config,
+            seed=seed,
+            device=device,
+            data_dir=data_dir,
+            download=download,
+            force=force,
+        )
     mask = result.ticket.mask
     click.echo(
         f"removed {result.walks} paths: {result.removed_kernels} connections, "

@@ -503,42 +503,61 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
     return paths.signed_outputs(Path(out))
 
 
-def write_signed(result: SignResult, out: str | Path, *, inputs: Sequence[str | Path] = ()) -> None:
+def write_signed(
+    result: SignResult,
+    out: str | Path,
+    *,
+    inputs: Sequence[str | Path] = (),
+    force: bool = True,
+    transaction: Any = None,
+) -> None:
     """Write the signed ticket, its credential and the owner's secret; all three or none.
 
-    Each file is first written in full beside its target under a temporary name; only when all
-    three exist are they renamed into place, so a failure leaves earlier outputs untouched.
+    The three files are one output set (ticketguard.files.writing): each is written in full
+    under a staging name and synced, then a commit journal is written (the commit point) and
+    they are renamed into place, so a crash at any instant leaves the old set or, once the next
+    run on these outputs has finished the journal, the new one. The set's lock is held
+    meanwhile: another run writing the same outputs refuses. With `force` false, outputs that
+    exist by the time the lock is held are refused. With `transaction` (an open
+    `files.OutputSet`), the files are staged into it and commit with it.
     """
-    import secrets
-
+    from ticketguard.files import writing
     from ticketguard.signatures.credential import write_credential
 
     ticket_path, cred_path, secret_path = output_paths(out)
+    finals = (ticket_path, cred_path, secret_path)
     resolved_inputs = {Path(p).resolve() for p in inputs}
-    for path in (ticket_path, cred_path, secret_path):
+    for path in finals:
         if path.resolve() in resolved_inputs:
             raise EmbeddingError(f"{path}: is an input; refusing to overwrite it")
-        if path.exists() and not path.is_file():
-            raise EmbeddingError(f"{path}: exists and is not a file; nothing was written")
-    tag = secrets.token_hex(6)
-    staged = [p.with_name(f".{p.name}.{tag}.staged") for p in (ticket_path, cred_path, secret_path)]
-    try:
-        result.ticket.save(staged[0])
-        write_credential(staged[1], result.credential)
+
+    def stage(files: Any) -> None:
+        for path in finals:
+            if os.path.lexists(path) and not path.is_file():
+                raise EmbeddingError(f"{path}: exists and is not a file; nothing was written")
+            if not force and os.path.lexists(path):
+                raise EmbeddingError(f"{path} already exists; pass --force to replace it")
+        # Renamed in this order: the secret, the credential, the ticket last.
+        staged_secret = files.stage(secret_path)
+        staged_cred = files.stage(cred_path)
+        staged_ticket = files.stage(ticket_path)
+        result.ticket.save(staged_ticket)
+        write_credential(staged_cred, result.credential)
         write_secret(
-            staged[2],
+            staged_secret,
             seed=result.seed,
             credential_sha256=sha256_hex(credential_bytes(result.credential)),
             fingerprint=result.ticket.fingerprint,
             trigger_set=result.triggers.to_dict() if result.triggers is not None else None,
         )
-        for tmp, final in zip(staged, (ticket_path, cred_path, secret_path), strict=True):
-            try:
-                os.replace(tmp, final)
-            except OSError as exc:
-                raise EmbeddingError(
-                    f"{final}: cannot be written ({exc.strerror or exc})"
-                ) from None
-    finally:
-        for tmp in staged:
-            tmp.unlink(missing_ok=True)
+
+    if transaction is not None:
+        stage(transaction)
+        return
+    try:
+        with writing(
+            ticket_path, finals, label=f"{ticket_path} (and its credential and secret)"
+        ) as files:
+            stage(files)
+    except OSError as exc:
+        raise EmbeddingError(f"{ticket_path}: cannot be written ({exc.strerror or exc})") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import re
@@ -16,8 +16,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ticketguard.documents import read_json_file
 from ticketguard.errors import ArchitectureError, ConfigError, RunStateError, TicketFormatError
-from ticketguard.files import canonical_json, sha256_hex, write_json_atomic
+from ticketguard.files import (
+    canonical_json,
+    hold_outputs,
+    is_housekeeping,
+    sha256_hex,
+    write_json_atomic,
+    writing,
+)
 from ticketguard.tickets import paths
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.models import build_model, default_input_shape, select_parameters
@@ -154,7 +162,10 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _check_run_dir(run_dir: Path, config: FindConfig, resume: bool) -> None:
     cfg_path = paths.config_file(run_dir)
     if not cfg_path.exists():
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunStateError(f"{run_dir} exists and is not a folder; choose another --out")
+        # A run killed before it wrote its configuration leaves only a lock or temporary files.
+        if run_dir.exists() and any(not is_housekeeping(p.name) for p in run_dir.iterdir()):
             raise RunStateError(
                 f"{run_dir} exists and is not a ticketguard run; choose another --out"
             )
@@ -163,10 +174,9 @@ def _check_run_dir(run_dir: Path, config: FindConfig, resume: bool) -> None:
         raise RunStateError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
-    try:
-        stored = json.loads(cfg_path.read_text())["run_hash"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise RunStateError(f"{cfg_path} is unreadable ({exc}); cannot resume") from None
+    stored = _read_config(cfg_path).get("run_hash")
+    if not isinstance(stored, str):
+        raise RunStateError(f"{cfg_path} records no run_hash; cannot resume")
     if stored != config.run_hash:
         raise RunStateError(
             f"{run_dir} was started with a different configuration; cannot resume with this one "
@@ -174,16 +184,21 @@ def _check_run_dir(run_dir: Path, config: FindConfig, resume: bool) -> None:
         )
 
 
+def _read_config(cfg_path: Path) -> dict[str, Any]:
+    """Read a run's config.json with the strict reader; one-line RunStateError if refused."""
+    if not cfg_path.exists():
+        raise RunStateError(f"{cfg_path.parent} holds no ticketguard run (no config.json)")
+    data = read_json_file(cfg_path, what="run configuration", error=RunStateError)
+    if not isinstance(data, dict):
+        raise RunStateError(f"{cfg_path} does not hold a find configuration")
+    return data
+
+
 def load_run_config(run_dir: str | Path) -> FindConfig:
     """Read the configuration a run directory was started with."""
     cfg_path = paths.config_file(Path(run_dir))
-    try:
-        data = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise RunStateError(f"{run_dir} holds no ticketguard run (no config.json)") from None
-    except json.JSONDecodeError as exc:
-        raise RunStateError(f"{cfg_path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+    data = _read_config(cfg_path)
+    if not isinstance(data.get("config"), dict):
         raise RunStateError(f"{cfg_path} does not hold a find configuration")
     return FindConfig.from_dict(data["config"])
 
@@ -203,10 +218,11 @@ def find_ticket(
     Round 0 trains the dense network and records the rewind point; each later round prunes
     `config.prune.rate` of the surviving weights by magnitude, rewinds the survivors and retrains
     with the mask fixed. Finished rounds are kept on disk and skipped on resume. Under
-    `torchrun`, every rank trains its shard of each batch and only rank 0 writes files.
+    `torchrun`, every rank trains its shard of each batch and only rank 0 writes files, holding
+    the run folder's lock: another run on the folder refuses. Each round's ticket and the log
+    are committed together (docs/outputs.md); a round file found damaged on resume is redone,
+    and every round after it, with a note to the reporter saying which and why.
     """
-    from ticketguard.tickets.data import load_data
-
     reporter = reporter or SilentReporter()
     run_dir = Path(out_dir)
     dist = DistContext.current()
@@ -216,7 +232,43 @@ def find_ticket(
             "cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count()
         )
     _check_run_dir(run_dir, config, resume)
-    _barrier(dist)  # every rank has looked at the folder before rank 0 writes into it
+    with contextlib.ExitStack() as held:
+        if dist.is_main:
+            # The run folder's lock is held for the whole run; an interrupted write of a round is
+            # finished or undone and leftover temporary files are removed before anything is read.
+            notes: list[str] = []
+            held.enter_context(
+                hold_outputs(
+                    paths.run_key(run_dir),
+                    folders=[run_dir, paths.rounds_dir(run_dir)],
+                    label=str(run_dir),
+                    notes=notes,
+                )
+            )
+            for line in notes:
+                _note(reporter, line)
+            _check_run_dir(run_dir, config, resume)  # again, under the lock
+        _barrier(dist)  # every rank has looked at the folder before rank 0 writes into it
+        return _find(config, run_dir, dist, dev, data_dir, download, reporter)
+
+
+def _note(reporter: Reporter, line: str) -> None:
+    """Tell the reporter something about the run folder (reporters without `note` ignore it)."""
+    note = getattr(reporter, "note", None)
+    if callable(note):
+        note(line)
+
+
+def _find(
+    config: FindConfig,
+    run_dir: Path,
+    dist: DistContext,
+    dev: torch.device,
+    data_dir: str | Path | None,
+    download: bool,
+    reporter: Reporter,
+) -> FindResult:
+    from ticketguard.tickets.data import load_data
 
     splits = load_data(
         config.dataset,
@@ -268,25 +320,32 @@ def find_ticket(
     records: list[dict[str, Any]] = []
     ticket: Ticket | None = None
     dense_acc: dict[str, float | None] = {}
+    redo_reason: str | None = None  # once a round is redone, every later one is too
     for r in range(config.rounds + 1):
         round_path = paths.round_ticket(run_dir, r)
-        if round_path.exists():
+        if redo_reason is None and round_path.exists():
             try:
-                ticket = load_ticket(round_path)
-            except TicketFormatError:
-                ticket = None  # an unfinished write; the round is redone
+                kept = load_ticket(round_path)
+            except TicketFormatError as exc:
+                # A damaged round file (the writes commit whole rounds, so it was damaged later).
+                redo_reason = f"{round_path} is damaged ({str(exc).splitlines()[0][:160]})"
+                _note(reporter, f"redoing round {r}: {redo_reason}")
             else:
+                ticket = kept
                 record = _load_record(run_dir, r) or _record(r, ticket, None, 0.0)
                 records.append(record)
                 if r == 0:
                     dense_acc = {"val": record["val_accuracy"], "test": record["test_accuracy"]}
                 continue
+        elif redo_reason is not None and round_path.exists():
+            _note(reporter, f"redoing round {r}: it was built on a round that was redone")
         started = time.perf_counter()
         if r == 0:
             mask = Mask.ones_like(dict(model.named_parameters()), names)
             start = 0
         else:
-            assert ticket is not None
+            if ticket is None:
+                raise RunStateError(f"{run_dir}: round {r} has no previous round to prune")
             mask = prune_magnitude(ticket.trained, ticket.mask, config.prune)
             model.load_state_dict(ticket.rewind)
             start = rewind_it
@@ -321,17 +380,23 @@ def find_ticket(
         }
         ticket = Ticket(mask.to("cpu"), _state(model), rewind_state or {}, meta)
         record = _record(r, ticket, result.last_loss, time.perf_counter() - started)
+        if redo_reason is not None:
+            record["redone"] = redo_reason
         records.append(record)
         if dist.is_main:
-            ticket.save(round_path)
-            write_json_atomic(paths.log_file(run_dir), _log(config, records, dist))
+            # The round's ticket and the log that records it are committed together.
+            with writing(paths.run_key(run_dir), label=str(run_dir)) as files:
+                ticket.save(files.stage(round_path))
+                write_json_atomic(files.stage(paths.log_file(run_dir)), _log(config, records, dist))
         _barrier(dist)
         reporter.round_finished(record)
 
-    assert ticket is not None
+    if ticket is None:  # rounds >= 0, so round 0 always yields a ticket
+        raise RunStateError(f"{run_dir}: the run produced no ticket")
     if dist.is_main:
-        ticket.save(paths.final_ticket(run_dir))
-        write_json_atomic(paths.log_file(run_dir), _log(config, records, dist))
+        with writing(paths.run_key(run_dir), label=str(run_dir)) as files:
+            ticket.save(files.stage(paths.final_ticket(run_dir)))
+            write_json_atomic(files.stage(paths.log_file(run_dir)), _log(config, records, dist))
     _barrier(dist)
     return FindResult(ticket, records, run_dir)
 
@@ -377,11 +442,15 @@ def _record(r: int, ticket: Ticket, loss: float | None, seconds: float) -> dict[
 
 
 def _load_record(run_dir: Path, r: int) -> dict[str, Any] | None:
+    """The log's record of round `r`, or None (no log, an unreadable one, no such record)."""
     try:
-        rounds = json.loads(paths.log_file(run_dir).read_text())["rounds"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        log = read_json_file(paths.log_file(run_dir), what="run log", error=RunStateError)
+    except RunStateError:
         return None
-    return next((rec for rec in rounds if rec.get("round") == r), None)
+    rounds = log.get("rounds") if isinstance(log, dict) else None
+    if not isinstance(rounds, list):
+        return None
+    return next((rec for rec in rounds if isinstance(rec, dict) and rec.get("round") == r), None)
 
 
 def _log(config: FindConfig, records: list[dict[str, Any]], dist: DistContext) -> dict[str, Any]:

@@ -32,6 +32,14 @@ def final_ticket(run_dir: Path) -> Path:
     return run_dir / f"final{TICKET_SUFFIX}"
 
 
+def run_key(run_dir: Path) -> Path:
+    """The key of a run folder's output set: its lock `.ticketguard.lock` and commit journal
+    `.ticketguard.journal` (see ticketguard.files and docs/outputs.md)."""
+    from ticketguard.files import directory_key
+
+    return directory_key(run_dir)
+
+
 def signed_outputs(out: Path) -> tuple[Path, Path, Path]:
     """The files `sign --out OUT` writes: the signed ticket, its credential, the owner's secret.
 
