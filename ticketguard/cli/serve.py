@@ -27,6 +27,19 @@ def _stop(signum: int, frame: Any) -> None:
     raise _Stop
 
 
+def _raise_file_limit(wanted: int) -> None:
+    """Let the process hold `wanted` open files (sockets), within the hard limit, if it can."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not POSIX, or not allowed: the connection cap still holds, accept() may back off
+
+
 @click.command()
 @click.argument("model_file", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -80,13 +93,18 @@ def serve(
     {"images": [base64 PNG, ...]} and answers {"labels": [...]}. Images need the pixel
     normalization, which comes from the dataset (recorded in the file, or --dataset).
 
+    The server holds under load: a listen backlog of 1024, at most 512 connections and 4
+    requests predicted at once, headers within 10 s and bodies within 30 s, and a body cap
+    implied by the input shape and --max-batch, checked before the body is read (see "Limits"
+    in docs/serve-protocol.md).
+
     \b
     Examples:
       ticketguard serve runs/digits/final.ticket --port 8000
       ticketguard serve stolen.pth --arch resnet20 --dataset cifar10 --host 0.0.0.0
       curl -s localhost:8000/info
     """
-    from ticketguard.verify.server import make_server, service_from_file
+    from ticketguard.verify.server import MAX_CONNECTIONS, make_server, service_from_file
 
     kwargs = parse_kwargs(arch_arg, "--arch-arg") if arch_arg else None
     service = service_from_file(
@@ -97,6 +115,8 @@ def serve(
         device=device,
         max_batch=max_batch,
     )
+    # Every connection up to the cap, plus the model's and Python's own files.
+    _raise_file_limit(MAX_CONNECTIONS + 256)
     try:
         server = make_server(service, host, port, verbose=verbose)
     except OSError as exc:

@@ -32,10 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ticketguard.documents import parse_json
 from ticketguard.errors import ConfigError, EndpointError
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+#: Largest `GET /info` answer read (a real one is under 1 KiB).
+MAX_INFO_BYTES = 1024 * 1024
+#: Values of a server-sent list shown in a message before "... (N values)".
+SHOWN_VALUES = 4
 SEND_MODES = ("tensor", "png")
 #: Labels beyond this magnitude cannot be class indices (and would not fit int64 safely).
 _LABEL_LIMIT = 2**62
@@ -247,23 +252,63 @@ class HttpSuspect:
         return self.url
 
     def server_info(self) -> dict[str, Any] | None:
-        """Return the server's `GET /info` answer, or None if it has none (one try, no retry)."""
+        """Return the server's `GET /info` answer, or None if it has none (one try, no retry).
+
+        The whole exchange (connect, headers, body) must finish within `timeout` seconds and
+        the answer fit in `MAX_INFO_BYTES`, else EndpointError: a server that drips or floods
+        its `/info` cannot hold verification up. A server that is down, answers non-200 or
+        non-JSON has no `/info` (None). Long lists in `normalization` print shortened.
+        """
         parts = urlsplit(self.url)
         base = parts.path.rsplit("/", 1)[0]
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self.timeout)
+        where = urlunsplit((parts.scheme, parts.netloc, f"{base}/info", "", ""))
+        conn = self._new_connection()
+        deadline = _Deadline(self.timeout)
         try:
-            conn.request("GET", f"{base}/info", headers={"Accept": "application/json"})
-            response = conn.getresponse()
-            data = response.read(self.max_response_bytes + 1)
-            if response.status != 200 or len(data) > self.max_response_bytes:
+            try:
+                conn.timeout = min(self.timeout, deadline.remaining())
+                conn.connect()
+            except (OSError, http.client.HTTPException):
+                if deadline.expired.is_set() or deadline.left() <= 0:
+                    raise EndpointError(f"{where}: no answer within {self.timeout:g} s") from None
                 return None
-            answer = json.loads(data)
-        except (OSError, http.client.HTTPException, ValueError, RecursionError):
+            deadline.watch(conn.sock)
+            conn.request(
+                "GET",
+                f"{base}/info",
+                headers={"Accept": "application/json", "User-Agent": _user_agent()},
+            )
+            response = conn.getresponse()
+            length = response.getheader("Content-Length")
+            too_large = f"{where}: the answer is larger than {MAX_INFO_BYTES} bytes"
+            if length is not None and length.isdigit() and int(length) > MAX_INFO_BYTES:
+                raise EndpointError(too_large)
+            data = response.read(MAX_INFO_BYTES + 1)
+            if deadline.expired.is_set():
+                raise TimeoutError
+            if len(data) > MAX_INFO_BYTES:
+                raise EndpointError(too_large)
+            if response.status != 200:
+                return None
+        except (TimeoutError, OSError, http.client.HTTPException):
+            if deadline.expired.is_set() or deadline.left() <= 0:
+                raise EndpointError(f"{where}: no answer within {self.timeout:g} s") from None
             return None
         finally:
+            deadline.cancel()
             conn.close()
-        return answer if isinstance(answer, dict) else None
+        try:
+            answer = parse_json(data, what=where, error=EndpointError)
+        except EndpointError:
+            return None
+        if not isinstance(answer, dict):
+            return None
+        norm = answer.get("normalization")
+        if isinstance(norm, dict):
+            answer["normalization"] = {
+                k: ShortList(v) if isinstance(v, list) else v for k, v in norm.items()
+            }
+        return answer
 
     def close(self) -> None:
         """Close the kept-alive connection (a later batch opens a new one)."""
@@ -350,15 +395,15 @@ class HttpSuspect:
                         "connection lost (the server closed it without answering)", retry=True
                     ) from None
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _new_connection(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=self.timeout)
+
+    def _connection(self, deadline: _Deadline) -> http.client.HTTPConnection:
         if self._conn is None:
-            cls = (
-                http.client.HTTPSConnection
-                if self._scheme == "https"
-                else http.client.HTTPConnection
-            )
-            conn = cls(self._host, self._port, timeout=self.timeout)
+            conn = self._new_connection()
             try:
+                conn.timeout = min(self.timeout, deadline.remaining())
                 conn.connect()
             except TimeoutError:
                 conn.close()
@@ -373,30 +418,22 @@ class HttpSuspect:
                 reason = exc.strerror or _one_line(exc)
                 raise _Failure(f"cannot connect ({reason})", retry=True, kind="connect") from None
             self._conn, self._conn_used = conn, False
+        elif self._conn.sock is not None:
+            self._conn.sock.settimeout(min(self.timeout, deadline.remaining()))
         return self._conn
 
     def _round_trip(self, body: bytes) -> tuple[int, bytes]:
-        """One POST and its whole answer, within `timeout` seconds in all.
+        """One POST and its whole answer, within `timeout` seconds in all, connecting included.
 
         The socket timeout bounds each wait for data; a watchdog bounds the whole exchange, so
         a server that drips its answer a byte at a time cannot hold verification up.
         """
-        conn = self._connection()
-        # Held here: http.client drops `conn.sock` once an HTTP/1.0 answer starts, but the
-        # answer is still read from this socket.
-        sock = conn.sock
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-        watchdog = threading.Timer(self.timeout, expire)
-        watchdog.daemon = True
-        watchdog.start()
+        deadline = _Deadline(self.timeout)
         try:
+            conn = self._connection(deadline)
+            # Held here: http.client drops `conn.sock` once an HTTP/1.0 answer starts, but the
+            # answer is still read from this socket.
+            deadline.watch(conn.sock)
             conn.request(
                 "POST",
                 self._target,
@@ -414,7 +451,7 @@ class HttpSuspect:
                 self._drop()
                 raise _Failure(self._too_large(), retry=False)
             data = response.read(self.max_response_bytes + 1)
-            if expired.is_set():
+            if deadline.expired.is_set():
                 raise TimeoutError
             if len(data) > self.max_response_bytes:
                 self._drop()
@@ -426,7 +463,7 @@ class HttpSuspect:
             raise
         except (TimeoutError, OSError, http.client.HTTPException) as exc:
             self._drop()
-            if expired.is_set() or isinstance(exc, TimeoutError):
+            if deadline.expired.is_set() or isinstance(exc, TimeoutError):
                 raise _Failure(f"no answer within {self.timeout} s", retry=True) from None
             if isinstance(
                 exc,
@@ -438,7 +475,7 @@ class HttpSuspect:
                 raise _Stale() from None
             raise _Failure(f"connection failed ({_one_line(exc)})", retry=True) from None
         finally:
-            watchdog.cancel()
+            deadline.cancel()
 
     def _too_large(self) -> str:
         return f"the answer is larger than {self.max_response_bytes} bytes"
@@ -476,6 +513,68 @@ class HttpSuspect:
             if abs(label) >= _LABEL_LIMIT:
                 raise EndpointError(f"{self.url}: label {i} is out of range ({label!r:.40})")
         return np.asarray([int(v) for v in labels], dtype=np.int64)
+
+
+class _Deadline:
+    """A wall-clock limit on one exchange, connecting included.
+
+    When it passes, the watched socket is shut down, so a read blocked on a server that drips
+    bytes (each within the socket timeout) returns at once.
+    """
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.expired = threading.Event()
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def remaining(self) -> float:
+        """Seconds left; TimeoutError if none."""
+        left = self.left()
+        if left <= 0 or self.expired.is_set():
+            raise TimeoutError
+        return left
+
+    def watch(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.expired.is_set():
+                self._shut()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired.set()
+            self._shut()
+
+    def _shut(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class ShortList(list):
+    """A list from a server's answer that prints its first `SHOWN_VALUES` values and its length.
+
+    The values are all there (comparisons see them); only `str`/`repr` are shortened, so a
+    message quoting a hostile server's million-value list stays one short line.
+    """
+
+    def __repr__(self) -> str:
+        if len(self) <= SHOWN_VALUES:
+            return super().__repr__()
+        shown = ", ".join(repr(v)[:24] for v in self[:SHOWN_VALUES])
+        return f"[{shown}, ... ({len(self)} values)]"
+
+    __str__ = __repr__
 
 
 class _Stale(Exception):

@@ -3,26 +3,32 @@
 Protocol `ticketguard-predict/1` (docs/serve-protocol.md): `GET /info` describes the model,
 `POST /predict` answers labels (and optionally softmax probabilities) for a JSON batch of
 model-ready `inputs` or base64-encoded `images`. Request handling (`PredictionService.handle`)
-is pure, so every protocol case is testable without sockets; `make_server` wraps it in a
-threading `http.server`. Nothing in a request is ever executed: bodies are parsed as JSON and
-images decoded by Pillow, and every malformed request gets a one-line JSON error.
+is pure, so every protocol case is testable without sockets; `make_server` wraps it in an
+asyncio HTTP/1.1 server (one event-loop thread for every socket, a fixed pool of worker threads
+for parsing and prediction) with a listen backlog, a connection cap, deadlines for headers,
+bodies and answers, and a body cap checked from `Content-Length` before a byte of the body is
+read. Nothing in a request is ever executed: bodies are parsed as strict JSON and images decoded
+by Pillow, and every malformed request gets a one-line JSON error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
+import contextlib
 import io
 import json
 import math
+import re
 import socket
-import socketserver
 import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from email.utils import formatdate
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,11 +37,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from ticketguard.documents import MAX_INT_DIGITS
 from ticketguard.errors import ArchitectureError, ConfigError, DatasetError
 
 PROTOCOL = "ticketguard-predict/1"
 DEFAULT_MAX_BATCH = 1024
+#: Ceiling of the body cap, whatever the model's input shape and max batch imply.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Floor of the body cap: room for images larger than the model's input (resized server-side).
+MIN_BODY_BYTES = 1024 * 1024
+#: JSON characters one float may take in `inputs` ("-1.1754943508222875e-38" and a separator).
+BYTES_PER_NUMBER = 26
+#: PNG signature, chunks and zlib framing of one image, over its raw pixels (generous).
+PNG_OVERHEAD_BYTES = 1024
 #: Larger images are refused before decoding (a small PNG can inflate to gigabytes).
 MAX_IMAGE_PIXELS = 40_000_000
 #: An image may hold up to this many times the model's input pixels (at least 4 megapixels) ...
@@ -47,8 +61,26 @@ MAX_CONCURRENT_REQUESTS = 4
 #: Pillow decoders a request may use: raster formats decoded in-process (never, e.g., EPS,
 #: which Pillow hands to Ghostscript).
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
-#: Seconds a connection may stay silent (mid-request or idle between requests) before it is closed.
-CONNECTION_TIMEOUT = 60.0
+
+# --- transport limits (docs/serve-protocol.md, "Limits") -----------------------------------------
+#: Connections the kernel queues before they are accepted: a burst of clients waits, not resets.
+BACKLOG = 1024
+#: Connections open at once; one more is answered 503 and closed (each costs memory, no thread).
+MAX_CONNECTIONS = 512
+#: Seconds from a connection's opening (or its previous answer) until a request's headers are
+#: complete: closes idle kept-alive connections and slowloris clients dripping header bytes.
+HEADER_TIMEOUT = 10.0
+#: Seconds the body may take to arrive once the headers are in.
+BODY_TIMEOUT = 30.0
+#: Seconds a request may wait for a worker before it is answered 503 (retry later).
+QUEUE_TIMEOUT = 30.0
+#: Seconds the client may take to read the answer.
+SEND_TIMEOUT = 30.0
+#: Longest request line plus headers, and most header lines.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADERS = 64
+#: Request bodies held in memory at once (read, queued or being parsed); further ones wait.
+BODY_BUFFER_BYTES = 256 * 1024 * 1024
 
 #: Pillow mode that gives an image the model's channel count.
 _PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
@@ -76,6 +108,67 @@ def normalize_pixels(
     return x.sub_(mean_t).div_(std_t)
 
 
+def implied_body_bytes(input_shape: tuple[int, int, int], max_batch: int) -> int:
+    """The body cap a model's input shape and max batch imply.
+
+    The larger of a full batch of `inputs` (`BYTES_PER_NUMBER` per value) and a full batch of
+    base64 PNG files at the model's size stored uncompressed, within
+    [`MIN_BODY_BYTES`, `DEFAULT_MAX_BODY_BYTES`].
+    """
+    channels, height, width = input_shape
+    values = channels * height * width
+    as_numbers = values * BYTES_PER_NUMBER
+    as_png = math.ceil((values + height + PNG_OVERHEAD_BYTES) * 4 / 3) + 4
+    wanted = max_batch * max(as_numbers, as_png) + 4096
+    return min(DEFAULT_MAX_BODY_BYTES, max(MIN_BODY_BYTES, wanted))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _BadRequest(f"the body is refused: duplicate key {key[:40]!r}")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise _BadRequest(f"the body is refused: non-finite number {name}")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _BadRequest(f"the body is refused: an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _loads(body: bytes) -> Any:
+    """Parse a request body with the rules of `ticketguard.documents.parse_json` for numbers.
+
+    UTF-8 only; duplicate keys, NaN/Infinity and integers of more than `MAX_INT_DIGITS` digits
+    are refused while parsing. Floats get no per-number hook (that would cost a Python call per
+    value): an overflowing literal such as 1e400 becomes infinity, which `_tensor_inputs`
+    refuses as non-finite. Depth needs no separate check: `inputs` must nest exactly 4 deep.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _BadRequest("the body is not valid JSON (not UTF-8)") from None
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_no_constant,
+            parse_int=_bounded_int,
+        )
+    except (ValueError, RecursionError):
+        raise _BadRequest("the body is not valid JSON") from None
+
+
+#: JSON values `inputs` may hold: numbers only (`bool` is its own type, so true/false are refused).
+_NUMBER_TYPES = frozenset({float, int})
+
+
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else "no message"
@@ -94,7 +187,7 @@ class PredictionService:
         device: torch.device,
         description: str,
         max_batch: int = DEFAULT_MAX_BATCH,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes: int | None = None,
         architecture: str | None = None,
     ):
         shape = tuple(input_shape)
@@ -104,7 +197,9 @@ class PredictionService:
             raise ConfigError(f"input_shape must be three positive integers (C, H, W), got {shape}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if max_body_bytes < 1:
+        if max_body_bytes is None and len(shape) == 3:
+            max_body_bytes = implied_body_bytes(shape, max_batch)  # type: ignore[arg-type]
+        if max_body_bytes is None or max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
         self.input_shape: tuple[int, int, int] = shape  # type: ignore[assignment]
         self.normalization = self._check_normalization(normalization, shape[0])
@@ -234,10 +329,7 @@ class PredictionService:
     def _parse_predict(self, body: bytes) -> tuple[torch.Tensor, bool]:
         if not body.strip():
             raise _BadRequest("the request has no body (send a JSON object)")
-        try:
-            request = json.loads(body)
-        except (ValueError, RecursionError):
-            raise _BadRequest("the body is not valid JSON") from None
+        request = _loads(body)
         if not isinstance(request, dict):
             raise _BadRequest(f"the body must be a JSON object, not {_json_type(request)}")
         unknown = sorted(str(k) for k in request if k not in _FIELDS)
@@ -265,19 +357,22 @@ class PredictionService:
 
     def _tensor_inputs(self, batch: list[Any]) -> torch.Tensor:
         expected = f"(N, {', '.join(map(str, self.input_shape))})"
-        # Check the nesting first, so a huge or ragged list is refused before a tensor is built.
+        bad = f"'inputs' must be nested lists of numbers shaped {expected}"
+        # Check the nesting and every value's type first, so a huge, ragged or mistyped list
+        # (booleans, strings, null, objects) is refused before a tensor is built.
         channels, height, width = self.input_shape
+        numbers = _NUMBER_TYPES
         for sample in batch:
-            if not isinstance(sample, list) or len(sample) != channels:
-                raise _BadRequest(f"'inputs' must be nested lists of numbers shaped {expected}")
+            if type(sample) is not list or len(sample) != channels:
+                raise _BadRequest(bad)
             for plane in sample:
-                if not isinstance(plane, list) or len(plane) != height:
-                    raise _BadRequest(f"'inputs' must be nested lists of numbers shaped {expected}")
+                if type(plane) is not list or len(plane) != height:
+                    raise _BadRequest(bad)
                 for row in plane:
-                    if not isinstance(row, list) or len(row) != width:
-                        raise _BadRequest(
-                            f"'inputs' must be nested lists of numbers shaped {expected}"
-                        )
+                    if type(row) is not list or len(row) != width:
+                        raise _BadRequest(bad)
+                    if not numbers.issuperset(map(type, row)):
+                        raise _BadRequest(f"{bad} (not booleans, strings, null or objects)")
         try:
             inputs = torch.tensor(batch, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError, OverflowError):
@@ -357,27 +452,178 @@ def _json_type(value: Any) -> str:
 
 # --- transport ---------------------------------------------------------------------------------
 
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+_TARGET = re.compile(rb"[\x21-\x7e]{1,8192}")
+_LENGTH = re.compile(rb"[0-9]{1,18}")
 
-class PredictionServer(ThreadingHTTPServer):
-    """A threading HTTP server bound to one PredictionService."""
 
-    daemon_threads = True
-    block_on_close = False
+class _Refusal(Exception):
+    """A request refused while reading it: answered with `status`, then the connection closes."""
+
+    def __init__(self, status: int, message: str, headers: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+
+
+class _Request:
+    __slots__ = ("method", "target", "version", "headers", "keep_alive")
+
+    def __init__(self, method: str, target: str, version: str, headers: dict[str, list[str]]):
+        self.method, self.target, self.version, self.headers = method, target, version, headers
+        tokens = {t.strip().lower() for v in headers.get("connection", ()) for t in v.split(",")}
+        self.keep_alive = version == "HTTP/1.1" and "close" not in tokens
+
+
+def _parse_head(head: bytes) -> _Request:
+    """Parse a request line and headers (CRLF-terminated, as read), strictly; _Refusal if bad."""
+    lines = head[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
+        raise _Refusal(400, "malformed request line")
+    version = parts[2]
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version):
+            raise _Refusal(505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
+        raise _Refusal(400, "malformed request line")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise _Refusal(431, f"more than {MAX_HEADERS} header lines")
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.fullmatch(name):
+            raise _Refusal(400, "malformed header line")
+        headers.setdefault(name.decode("ascii").lower(), []).append(
+            value.strip(b" \t").decode("latin-1")
+        )
+    return _Request(parts[0].decode("ascii"), parts[1].decode("ascii"), version.decode(), headers)
+
+
+def _body_length(request: _Request, limit: int) -> int:
+    """The announced body length, checked against `limit` before any of the body is read."""
+    if "transfer-encoding" in request.headers:
+        raise _Refusal(411, "send the body with a Content-Length (no chunked bodies)")
+    values = request.headers.get("content-length", [])
+    if len(values) > 1:
+        raise _Refusal(400, "more than one Content-Length header")
+    if not values:
+        return 0
+    raw = values[0].encode("latin-1")
+    if not _LENGTH.fullmatch(raw):
+        raise _Refusal(400, "the Content-Length header is not a byte count")
+    length = int(raw)
+    if length > limit:
+        raise _Refusal(413, f"the body is over the limit of {limit} bytes")
+    return length
+
+
+class _ByteBudget:
+    """Bytes of request bodies held at once; `acquire` waits until the bytes fit (or none held)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        async with self._changed:
+            self.used -= n
+            self._changed.notify_all()
+
+
+_date_cache: list[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def _encode(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _response(
+    status: int, data: bytes, *, close: bool, head_only: bool = False, extra: Sequence[str] = ()
+) -> bytes:
+    from ticketguard import __version__
+
+    lines = [
+        f"HTTP/1.1 {status} {_phrase(status)}",
+        f"Server: ticketguard/{__version__}",
+        f"Date: {_http_date()}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(data)}",
+        *extra,
+    ]
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + data
+
+
+class PredictionServer:
+    """An asyncio HTTP/1.1 server bound to one PredictionService.
+
+    One event-loop thread owns every socket (idle or slow connections cost no thread); requests
+    to `/predict` are parsed and predicted by a pool of `workers` threads. The listening socket
+    is bound on construction (OSError if it cannot be); `serve_forever` runs the loop in the
+    calling thread until `shutdown` (from another thread), Ctrl-C or a signal handler's exception.
+    """
 
     def __init__(
-        self, address: tuple[str, int], service: PredictionService, *, verbose: bool = False
+        self,
+        address: tuple[str, int],
+        service: PredictionService,
+        *,
+        verbose: bool = False,
+        backlog: int = BACKLOG,
+        max_connections: int = MAX_CONNECTIONS,
+        workers: int = MAX_CONCURRENT_REQUESTS,
+        header_timeout: float = HEADER_TIMEOUT,
+        body_timeout: float = BODY_TIMEOUT,
+        queue_timeout: float = QUEUE_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
+        body_buffer_bytes: int = BODY_BUFFER_BYTES,
     ):
         self.service = service
         self.verbose = verbose
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks up the host's FQDN, which can stall on a machine without DNS.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
+        self.backlog = backlog
+        self.max_connections = max_connections
+        self.workers = workers
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.queue_timeout = queue_timeout
+        self.send_timeout = send_timeout
+        self.body_buffer_bytes = max(body_buffer_bytes, service.max_body_bytes)
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.create_server(address, family=family, backlog=backlog)
+        self.server_address = self.socket.getsockname()
+        #: Connections open now, and refused so far because `max_connections` were open.
+        self.connections = 0
+        self.refused = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stop_asked = False
+        self._guard = threading.Lock()
+        self._running = threading.Event()
+        self._done = threading.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def url(self) -> str:
@@ -386,127 +632,249 @@ class PredictionServer(ThreadingHTTPServer):
         host = str(host)
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hangs up mid-answer is not worth a traceback on the operator's terminal.
-        if self.verbose:
-            exc = sys.exc_info()[1]
-            detail = _one_line(exc) if exc is not None else "unknown error"
-            print(f"{client_address[0]} connection error: {detail}", file=sys.stderr, flush=True)
+    # --- life cycle ------------------------------------------------------------------------------
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: PredictionServer
-    protocol_version = "HTTP/1.1"  # keep-alive: a client sending many batches reuses its socket
-    timeout = CONNECTION_TIMEOUT
-    # Headers and body go out in two writes; with Nagle's algorithm the body would wait for the
-    # client's delayed ACK (~40 ms a request on Linux).
-    disable_nagle_algorithm = True
-
-    def version_string(self) -> str:
-        from ticketguard import __version__
-
-        return f"ticketguard/{__version__}"
-
-    def _read_body(self) -> bytes | None:
-        """Read the body; on a framing problem answer it here and return None.
-
-        After a framing problem the rest of the stream cannot be trusted, so the connection closes.
-        """
-        if "Transfer-Encoding" in self.headers:
-            self.close_connection = True
-            self._answer(411, {"error": "send the body with a Content-Length (no chunked bodies)"})
-            return None
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return b""
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until `shutdown()`; `poll_interval` is accepted for http.server compatibility."""
+        loop = asyncio.new_event_loop()
+        loop.set_exception_handler(self._loop_error)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self.workers, thread_name_prefix="ticketguard-predict"
+        )
+        self._loop = loop
         try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            self._answer(400, {"error": "the Content-Length header is not a byte count"})
-            return None
-        limit = self.server.service.max_body_bytes
-        if length > limit:
-            self.close_connection = True
-            self._answer(413, {"error": f"the body is over the limit of {limit} bytes"})
-            return None
-        try:
-            body = self.rfile.read(length)
-        except OSError:  # timed out or reset mid-body: nobody is left to answer
-            self.close_connection = True
-            return None
-        if len(body) != length:
-            self.close_connection = True
-            return None
-        return body
+            loop.run_until_complete(self._serve())
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._done.set()
+            if not loop.is_running():
+                with contextlib.suppress(Exception):
+                    loop.close()
 
-    def _dispatch(self) -> None:
-        self._started = time.perf_counter()
-        body = self._read_body()
-        if body is None:
+    async def _serve(self) -> None:
+        with self._guard:
+            self._stop = asyncio.Event()
+            if self._stop_asked:
+                return
+        self._slots = asyncio.Semaphore(self.workers)
+        self._budget = _ByteBudget(self.body_buffer_bytes)
+        server = await asyncio.start_server(
+            self._connection, sock=self.socket, backlog=self.backlog, limit=MAX_HEADER_BYTES
+        )
+        self._running.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=2)
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` (called from another thread) and wait until it has returned."""
+        with self._guard:
+            self._stop_asked = True
+            loop, stop = self._loop, self._stop
+        if loop is None:
             return
-        method = "GET" if self.command == "HEAD" else self.command
-        status, payload = self.server.service.handle(method, self.path, body)
-        self._answer(status, payload)
+        if stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(stop.set)
+        self._done.wait(10)
 
-    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+    def server_close(self) -> None:
+        """Close the listening socket."""
+        self.socket.close()
 
-    def _answer(self, status: int, payload: Mapping[str, Any]) -> None:
-        data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status == 405:
-            route = urlsplit(self.path).path.rstrip("/") or "/"  # the path handle() judged
-            self.send_header("Allow", ", ".join(ROUTES.get(route, ())))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-        if self.server.verbose:
-            started = getattr(self, "_started", time.perf_counter())
-            ms = 1000 * (time.perf_counter() - started)
-            note = f" ({payload['error']})" if "error" in payload else ""
-            if "labels" in payload:
-                note = f" ({len(payload['labels'])} labels)"
-            print(
-                f"{self.client_address[0]} {self.command or '-'} {getattr(self, 'path', '')[:80]} "
-                f"{status} "
-                f"{ms:.1f} ms{note}",
-                file=sys.stderr,
-                flush=True,
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # Transport noise (a client resetting mid-answer) is not worth a traceback.
+        if self.verbose:
+            exc = context.get("exception")
+            detail = _one_line(exc) if exc is not None else context.get("message", "?")
+            print(f"server: {detail}", file=sys.stderr, flush=True)
+
+    # --- one connection --------------------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+        if self.connections >= self.max_connections:
+            self.refused += 1
+            message = f"the server has {self.max_connections} connections open; retry later"
+            writer.write(
+                _response(503, _encode({"error": message}), close=True, extra=("Retry-After: 1",))
             )
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # Errors found by http.server itself (bad request line, unknown method) answer JSON too.
-        self.close_connection = True
-        self._started = time.perf_counter()
-        if self.request_version == "HTTP/0.9":
-            # An unparsable request line leaves http.server in HTTP/0.9 mode, which sends no
-            # status line: answer as HTTP/1.0 so the client sees the error.
-            self.request_version = "HTTP/1.0"
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await writer.drain()
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self.connections += 1
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = f"HTTP {code}"
-        self._answer(code, {"error": message or phrase})
+            while await self._exchange(reader, writer, client):
+                pass
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            pass  # the client went away or stalled: nobody is left to answer
+        finally:
+            self.connections -= 1
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # _answer logs one line per request when verbose
+    async def _exchange(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str
+    ) -> bool:
+        """Read one request and answer it; True if the connection stays open for another."""
+        try:
+            async with asyncio.timeout(self.header_timeout):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            await self._send(writer, client, None, 431, {"error": "the headers are too large"})
+            return False
+        except (asyncio.IncompleteReadError, TimeoutError):
+            return False  # closed, idle past the deadline, or dripping its headers (slowloris)
+        started = time.perf_counter()
+        try:
+            request = _parse_head(head)
+            length = _body_length(request, self.service.max_body_bytes)
+            expect = [v.lower() for v in request.headers.get("expect", ())]
+            if expect and expect != ["100-continue"]:
+                raise _Refusal(417, "only 'Expect: 100-continue' is understood")
+        except _Refusal as refusal:
+            payload = {"error": str(refusal)}
+            await self._send(writer, client, None, refusal.status, payload, started=started)
+            return False
+        method = "GET" if request.method == "HEAD" else request.method
+        body = b""
+        if length:
+            if expect and request.version == "HTTP/1.1":
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    await self._budget.acquire(length)
+            except TimeoutError:
+                busy = {"error": "the server is busy; retry later"}
+                extra = ("Retry-After: 1",)
+                await self._send(writer, client, request, 503, busy, started=started, extra=extra)
+                return False
+        try:
+            if length:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await reader.readexactly(length)
+            if method == "POST":
+                status, data, extra = await self._work(method, request.target, body)
+            else:  # GET /info, 404s and 405s: cheap, answered on the loop
+                status, payload = self.service.handle(method, request.target, body)
+                data, extra = _encode(payload), self._allow(status, request.target)
+        except TimeoutError:
+            late = {"error": f"the body did not arrive within {self.body_timeout:g} s"}
+            await self._send(writer, client, request, 408, late, started=started)
+            return False
+        finally:
+            if length:
+                await self._budget.release(length)
+        await self._send_data(writer, client, request, status, data, started, extra=extra)
+        return request.keep_alive
 
-    def log_message(self, format: str, *args: Any) -> None:
-        if self.server.verbose:
-            print(f"{self.client_address[0]} {format % args}", file=sys.stderr, flush=True)
+    async def _work(self, method: str, target: str, body: bytes) -> tuple[int, bytes, tuple]:
+        """Run `service.handle` on a worker thread, waiting at most `queue_timeout` for one."""
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            data = _encode({"error": "the server is busy; retry later"})
+            return 503, data, ("Retry-After: 1",)
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, self._handle, method, target, body)
+        finally:
+            self._slots.release()
+
+    def _handle(self, method: str, target: str, body: bytes) -> tuple[int, bytes, tuple]:
+        try:
+            status, payload = self.service.handle(method, target, body)
+            return status, _encode(payload), self._allow(status, target)
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500 instead of dropping the client
+            return 500, _encode({"error": f"internal error ({_one_line(exc)})"}), ()
+
+    @staticmethod
+    def _allow(status: int, target: str) -> tuple[str, ...]:
+        if status != 405:
+            return ()
+        route = urlsplit(target).path.rstrip("/") or "/"  # the path handle() judged
+        return (f"Allow: {', '.join(ROUTES.get(route, ()))}",)
+
+    async def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        client: str,
+        request: _Request | None,
+        status: int,
+        payload: Mapping[str, Any],
+        *,
+        started: float | None = None,
+        close: bool = True,
+        extra: Sequence[str] = (),
+    ) -> None:
+        data = _encode(payload)
+        await self._send_data(
+            writer, client, request, status, data, started, close=close, extra=extra
+        )
+
+    async def _send_data(
+        self,
+        writer: asyncio.StreamWriter,
+        client: str,
+        request: _Request | None,
+        status: int,
+        data: bytes,
+        started: float | None,
+        *,
+        close: bool | None = None,
+        extra: Sequence[str] = (),
+    ) -> None:
+        if close is None:
+            close = request is None or not request.keep_alive
+        head_only = request is not None and request.method == "HEAD"
+        writer.write(_response(status, data, close=close, head_only=head_only, extra=extra))
+        async with asyncio.timeout(self.send_timeout):
+            await writer.drain()
+        if self.verbose:
+            self._log(client, request, status, data, started)
+
+    @staticmethod
+    def _log(
+        client: str, request: _Request | None, status: int, data: bytes, started: float | None
+    ) -> None:
+        ms = 1000 * (time.perf_counter() - started) if started is not None else 0.0
+        note = ""
+        if status != 200 and len(data) < 1000:
+            with contextlib.suppress(ValueError):
+                note = f" ({json.loads(data).get('error', '')})"
+        elif data.startswith(b'{"labels":['):
+            note = f" ({data.count(b',', 0, data.find(b']')) + 1} labels)"
+        method = request.method if request else "-"
+        target = request.target[:80] if request else ""
+        print(f"{client} {method} {target} {status} {ms:.1f} ms{note}", file=sys.stderr, flush=True)
 
 
 def make_server(
-    service: PredictionService, host: str, port: int, *, verbose: bool = False
+    service: PredictionService, host: str, port: int, *, verbose: bool = False, **limits: Any
 ) -> PredictionServer:
-    """Bind a threading HTTP server for `service` (port 0 picks a free port); OSError if it cannot."""
-    return PredictionServer((host, port), service, verbose=verbose)
+    """Bind a server for `service` (port 0 picks a free port); OSError if it cannot.
+
+    `limits` overrides PredictionServer's (backlog, max_connections, workers, header_timeout,
+    body_timeout, queue_timeout, send_timeout, body_buffer_bytes).
+    """
+    return PredictionServer((host, port), service, verbose=verbose, **limits)
 
 
 def service_from_file(
