@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench_w3",
     "bench_attacks",
     "bench_grind",
+    "bench_serve",
 ]
 
 

@@ -4,9 +4,9 @@ Every case runs `python -m ticketguard ...` in a subprocess in a fresh folder, w
 timeout and a 2 GiB memory budget (tests/fuzz/harness.py), and must end `clean`: a non-zero
 exit with one `Error:` line (or verify's / dispute's documented exit 1), no traceback, no hang,
 nothing over budget, no payload run, no file left behind. The quick set runs by default; the
-wide run (every hand-written case on every command, and TICKETGUARD_FUZZ_SEEDS mutation seeds
-per file type, 8 by default, and the raw HTTP cases) is marked slow. `scripts/fuzz.py` runs the
-same cases standalone.
+wide run (every hand-written case on every command, TICKETGUARD_FUZZ_SEEDS mutation seeds per
+file type, 1 by default so `make test-all` stays near 15 minutes, and the raw HTTP cases) is
+marked slow. `scripts/fuzz.py` runs the same cases standalone, with as many seeds as asked.
 
 The selected cases run together, two at a time, the first time one of them is asked for.
 """
@@ -19,7 +19,7 @@ import pytest
 from fuzz import generators, harness
 
 QUICK = generators.quick_cases()
-WIDE = generators.wide_cases(range(int(os.environ.get("TICKETGUARD_FUZZ_SEEDS", "8"))))
+WIDE = generators.wide_cases(range(int(os.environ.get("TICKETGUARD_FUZZ_SEEDS", "1"))))
 CASES = {c.id: c for c in QUICK + WIDE}
 
 

@@ -399,3 +399,21 @@ def test_budgets_are_named_constants():
     assert MAX_PICKLE_BYTES == 64 << 20
     assert ticket_module.MAX_SAFETENSORS_HEADER_BYTES == 16 << 20
     assert MAX_MODEL_PARAMETERS == 200_000_000
+
+
+@pytest.mark.parametrize("section", ["trained", "rewind"])
+def test_weights_relabelled_as_integers_are_refused(tmp_path, section):
+    """A float tensor whose header says I32 is well-formed safetensors, but not a ticket."""
+    good = tmp_path / "good.ticket"
+    _small_ticket().save(good)
+    raw = good.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + size])
+    header[f"{section}::conv2.weight"]["dtype"] = "I32"
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path = tmp_path / "relabelled.ticket"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size :])
+    with pytest.raises(TicketFormatError, match=f"{section} weight 'conv2.weight' is torch.int32"):
+        load_checkpoint(path)
+    line = assert_refused(path)
+    assert "not floating point" in line

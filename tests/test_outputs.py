@@ -703,3 +703,17 @@ def test_a_bench_folder_being_written_is_refused_and_reports_wait(tmp_path):
         child.wait()
     with bench_lock(out):  # freed by the kernel when its holder died
         pass
+
+
+def test_verify_warns_of_a_pending_write_of_its_inputs(tmp_path, monkeypatch, two_claims):
+    from cli_helpers import invoke
+
+    out = tmp_path / "s.ticket"
+    write_signed(two_claims[0], out)
+    ticket, cred, secret = output_paths(out)
+    args = ["verify", ticket, "--credential", cred, "--reveal", secret]
+    assert "warning:" not in invoke(args).output
+    assert _interrupted(monkeypatch, "renamed 1", lambda: write_signed(two_claims[1], out))
+    result = invoke(args)
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) >= 1 and all("interrupted write" in line for line in warnings)

@@ -685,3 +685,15 @@ def test_a_labels_error_does_not_echo_the_named_file(tmp_path: Path) -> None:
     text = str(info.value)
     assert "line 1: not a number (expected one integer label in [0, 2) per line)" in text
     assert "hunter2" not in text and "admin" not in text and "\n" not in text
+
+
+def test_folder_image_declaring_too_many_pixels_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = make_folder(tmp_path / "t", {"1.png": 10, "2.png": 20}, ["0", "1"])
+    Image.new("L", (65, 64), 7).save(folder / "pics" / "2.png")
+    monkeypatch.setattr(triggers_module, "MAX_SOURCE_PIXELS", 64 * 64)
+    with pytest.raises(TriggerSetError, match=r"2\.png is 65x64: more than 4096 pixels"):
+        load_trigger_folder(folder, (1, 8, 8), 10)
+    monkeypatch.setattr(triggers_module, "MAX_SOURCE_PIXELS", 65 * 64)
+    assert load_trigger_folder(folder, (1, 8, 8), 10).images.shape == (2, 1, 8, 8)

@@ -60,21 +60,26 @@ def sign(
     """Sign a ticket file; write the signed ticket, its credential and the owner's secret."""
     from ticketguard.signatures.signing import output_paths
 
+    from ticketguard.files import hold_outputs
+
     outputs = output_paths(out)
     if Path(ticket).resolve() in {p.resolve() for p in outputs}:
         raise RunStateError(f"{ticket}: --out would overwrite the input ticket")
-    _refuse_existing(outputs, force)
-    owner_key = _key(key, passphrase)
-    result = sign_ticket(
-        load_ticket(ticket),
-        owner_key,
-        config or SignConfig(),
-        device=resolve_device(device),
-        data_dir=data_dir,
-        download=download,
-        progress=progress,
-    )
-    write_signed(result, out, inputs=[ticket])
+    # The set's lock is held from the check to the commit: a concurrent run on the same
+    # outputs refuses, and a file made meanwhile is not replaced without `force`.
+    with hold_outputs(outputs[0], outputs, label=str(outputs[0])):
+        _refuse_existing(outputs, force)
+        owner_key = _key(key, passphrase)
+        result = sign_ticket(
+            load_ticket(ticket),
+            owner_key,
+            config or SignConfig(),
+            device=resolve_device(device),
+            data_dir=data_dir,
+            download=download,
+            progress=progress,
+        )
+        write_signed(result, out, inputs=[ticket], force=force)
     return result
 
 

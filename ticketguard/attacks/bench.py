@@ -828,10 +828,25 @@ def run_bench(
 
     The target is checked first (`check_target`) and the unattacked target verified (the
     baseline, in this process); a target that is unreadable or does not verify raises
-    TargetError before any attack runs, and nothing is written."""
-    from ticketguard.attacks.report import write_reports
+    TargetError before any attack runs, and nothing is written. The run holds the folder's
+    lock throughout: a second run on `out` refuses with one line (docs/outputs.md)."""
+    from ticketguard.attacks.report import bench_lock
 
     out = Path(out)
+    with bench_lock(out):
+        return _run_bench_locked(config, out, fresh=fresh, on_cell=on_cell, on_start=on_start)
+
+
+def _run_bench_locked(
+    config: BenchConfig,
+    out: Path,
+    *,
+    fresh: bool,
+    on_cell: Callable[[dict[str, Any]], None] | None,
+    on_start: Callable[[int, int], None] | None,
+) -> BenchResult:
+    from ticketguard.attacks.report import write_reports
+
     cells = expand(config)
     base = baseline_cell(config)
     attacks = {c.attack: get_attack(c.attack) for c in cells}

@@ -161,3 +161,18 @@ def given_options(ctx: click.Context, *names: str) -> list[str]:
         ):
             given.append(param.opts[0])
     return given
+
+
+def warn_pending_writes(*paths: str | None) -> None:
+    """Print one warning line per input file whose output set has an interrupted write pending.
+
+    Until the write is finished (docs/outputs.md) the set's files may mix old and new ones.
+    """
+    from pathlib import Path
+
+    from ticketguard.files import pending_note
+
+    for path in dict.fromkeys(p for p in paths if p):
+        note = pending_note(Path(path))
+        if note is not None:
+            click.echo(f"warning: {note}", err=True)

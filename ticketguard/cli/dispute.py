@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ticketguard.cli._common import device_option, security_bits_option
+from ticketguard.cli._common import device_option, security_bits_option, warn_pending_writes
 from ticketguard.cli.verify import INPUT_ERROR, _input_errors
 
 #: Exit codes: decided, undecided, bad input.
@@ -134,6 +134,7 @@ def dispute(
         error = click.UsageError("give at least two --claim CRED SECRET MODEL")
         error.exit_code = INPUT_ERROR
         raise error
+    warn_pending_writes(*(path for claim in claims for path in claim))
     if json_out is not None:
         inputs = {Path(p).resolve() for claim in claims for p in claim}
         if Path(json_out).resolve() in inputs:

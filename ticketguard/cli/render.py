@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ticketguard.cli._common import library_errors
+from ticketguard.cli._common import library_errors, warn_pending_writes
 
 
 def _echo_written(paths: list[Path], shows: dict[str, str]) -> None:
@@ -93,6 +93,7 @@ def render(
     if credential is None and (reference is not None or no_align):
         given = "--reference" if reference is not None else "--no-align"
         raise click.UsageError(f"{given} goes with --credential")
+    warn_pending_writes(file, credential, reference)
 
     if layer is not None:
         picture = layer_picture(file, layer)

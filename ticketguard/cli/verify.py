@@ -18,6 +18,7 @@ from ticketguard.cli._common import (
     parse_kwargs,
     passphrase_option,
     security_bits_option,
+    warn_pending_writes,
 )
 from ticketguard.errors import TicketGuardError
 
@@ -323,6 +324,7 @@ def verify(
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--alpha") from None
     passphrase = passphrase_from(passphrase_file) if key_path else None
+    warn_pending_writes(suspect, credential, reveal, reference)
     report = verify_file(
         suspect,
         credential=credential,

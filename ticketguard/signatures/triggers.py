@@ -545,10 +545,20 @@ def _order_names(names: list[str], order: str, pics: Path) -> list[str]:
     return [keyed[k] for k in sorted(keyed)]
 
 
+#: Most pixels a trigger image file may declare before it is decoded (a 4096 x 4096 photo).
+MAX_SOURCE_PIXELS = 4096 * 4096
+
+
 def _load_image(path: Path, c: int, h: int, w: int) -> np.ndarray:
     """Read one image as uint8 (C, H, W): convert, scale the shorter side, centre-crop."""
     try:
         with Image.open(path) as opened:
+            width, height = opened.size
+            if width * height > MAX_SOURCE_PIXELS:
+                raise TriggerSetError(
+                    f"trigger image {path} is {width}x{height}: more than {MAX_SOURCE_PIXELS} "
+                    "pixels; refused before decoding"
+                )
             image = opened.convert("L" if c == 1 else "RGB")
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise TriggerSetError(f"trigger image {path} cannot be read: {exc}") from None

@@ -77,6 +77,14 @@ class Ticket:
 
     def validate(self) -> None:
         """Check mask shapes against both weight sets and that trained weights obey the mask."""
+        for section, weights in (("trained", self.trained), ("rewind", self.rewind)):
+            bad = next(
+                (k for k in self.mask if k in weights and not weights[k].is_floating_point()), None
+            )
+            if bad is not None:
+                raise TicketFormatError(
+                    f"{section} weight {bad!r} is {weights[bad].dtype}, not floating point"
+                )
         self.mask.check_zeros(self.trained)
         if self.rewind:
             self.mask.check_shapes(self.rewind)
@@ -360,7 +368,7 @@ def ticket_from_safetensors(
         parts[section][name] = tensor
     try:
         ticket = Ticket(Mask(parts["mask"]), parts["trained"], parts["rewind"], meta)
-    except MaskError as exc:
+    except (MaskError, TicketFormatError) as exc:
         raise type(exc)(f"{path}: {exc}") from None
     if meta.get("fingerprint") != ticket.fingerprint:
         raise TicketFormatError(
