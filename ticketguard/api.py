@@ -58,9 +58,8 @@ def sign(
     progress: Callable[[int], None] | None = None,
 ) -> SignResult:
     """Sign a ticket file; write the signed ticket, its credential and the owner's secret."""
-    from ticketguard.signatures.signing import output_paths
-
     from ticketguard.files import hold_outputs
+    from ticketguard.signatures.signing import output_paths
 
     outputs = output_paths(out)
     if Path(ticket).resolve() in {p.resolve() for p in outputs}:
