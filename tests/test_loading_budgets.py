@@ -417,3 +417,21 @@ def test_weights_relabelled_as_integers_are_refused(tmp_path, section):
         load_checkpoint(path)
     line = assert_refused(path)
     assert "not floating point" in line
+
+
+def test_an_unmasked_tensor_relabelled_as_integers_does_not_load_into_a_model(tmp_path):
+    from ticketguard.tickets.loading import load_model
+
+    good = tmp_path / "good.ticket"
+    _small_ticket().save(good)
+    raw = good.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + size])
+    bias = next(k for k in header if k.startswith("trained::") and k.endswith(".bias"))
+    header[bias]["dtype"] = "I32"
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path = tmp_path / "relabelled.ticket"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size :])
+    loaded = load_checkpoint(path)  # a bias is not covered by the mask: the file itself reads
+    with pytest.raises(ArchitectureError, match="is int32, the architecture expects float32"):
+        load_model(loaded)

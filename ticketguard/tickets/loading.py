@@ -448,6 +448,15 @@ def fit_to_model(loaded: LoadedCheckpoint, model: nn.Module) -> dict[str, torch.
                 f"{loaded.path}: {k!r} has shape {tuple(loaded.state[k].shape)}, the architecture "
                 f"expects {tuple(v.shape)}"
             )
+        got = loaded.state[k].dtype
+        if got.is_floating_point != v.dtype.is_floating_point or (
+            not v.dtype.is_floating_point and got != v.dtype
+        ):
+            # Loading would reinterpret the values (integers as weights): not this model's file.
+            raise ArchitectureError(
+                f"{loaded.path}: {k!r} is {str(got).removeprefix('torch.')}, the architecture "
+                f"expects {str(v.dtype).removeprefix('torch.')}"
+            )
     return {k: loaded.state[k] for k in expected}
 
 
