@@ -435,3 +435,34 @@ def test_an_unmasked_tensor_relabelled_as_integers_does_not_load_into_a_model(tm
     loaded = load_checkpoint(path)  # a bias is not covered by the mask: the file itself reads
     with pytest.raises(ArchitectureError, match="is int32, the architecture expects float32"):
         load_model(loaded)
+
+
+def test_a_legacy_file_with_a_zip_footer_is_still_scanned_as_legacy(tmp_path, monkeypatch):
+    """torch.load picks its format by the first four bytes; the budgets follow it."""
+    monkeypatch.setattr(loading, "MAX_PICKLE_OPCODES", 1000)
+    buffer = io.BytesIO()
+    torch.save(
+        {"w": torch.zeros(3), "log": list(range(5000))},
+        buffer,
+        _use_new_zipfile_serialization=False,
+    )
+    footer = io.BytesIO()
+    zipfile.ZipFile(footer, "w").close()
+    path = tmp_path / "legacy-with-footer.pt"
+    path.write_bytes(buffer.getvalue() + footer.getvalue())
+    assert zipfile.is_zipfile(path)
+    with pytest.raises(TicketFormatError, match="more than 1,000 opcodes"):
+        load_checkpoint(path)
+
+
+def test_a_zip_bomb_split_into_small_members_is_refused(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({f"w{i}": torch.zeros(262144) for i in range(24)}, buffer)  # 24 x 1 MiB storages
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    path = tmp_path / "split-bomb.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as out:
+        for info in source.infolist():
+            out.writestr(info.filename, source.read(info.filename))
+    assert all(i.file_size <= 1 << 20 for i in zipfile.ZipFile(path).infolist())
+    with pytest.raises(TicketFormatError, match="a zip bomb"):
+        load_checkpoint(path)

@@ -643,26 +643,22 @@ def test_find_refuses_a_run_folder_another_run_is_writing(tmp_path):
 # --- the slow test: `sign --force` killed at 100 instants ------------------------------------------
 
 
-@pytest.mark.slow
-def test_sign_force_killed_at_100_instants_leaves_old_or_new(tmp_path, small_ticket):
-    out = tmp_path / "s.ticket"
-    args = [*_sign_args(small_ticket["ticket"], small_ticket["key"], out), "--force"]
-    # One run, timed, noting when its first staged file appears (the write begins).
+def _timed_sign(args: list[str], folder: Path) -> tuple[float, float]:
+    """Run `sign` once; return (its duration, when its first staged file appeared)."""
     started = time.monotonic()
     run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     staged_at = None
     while run.poll() is None:
-        if staged_at is None and any(n.endswith(".staged") for n in os.listdir(tmp_path)):
+        if staged_at is None and any(n.endswith(".staged") for n in os.listdir(folder)):
             staged_at = time.monotonic() - started
         time.sleep(0.001)
     duration = time.monotonic() - started
     assert run.returncode == 0
-    staged_at = staged_at if staged_at is not None else duration
-    # Half the kills spread over the whole run, half over the write (from 30 ms before the
-    # first staged file to 70 ms after it).
-    kills = 100
-    delays = [duration * 1.1 * i / 49 for i in range(50)]
-    delays += [max(0.0, staged_at - 0.03 + 0.1 * i / 49) for i in range(50)]
+    return duration, staged_at if staged_at is not None else duration
+
+
+def _kill_series(args: list[str], out: Path, delays: list[float]) -> dict[str, int]:
+    """Kill `sign` after each delay; check old-or-new and the next run's recovery each time."""
     finals = list(output_paths(out))
     counts = {"old": 0, "new": 0, "pending": 0, "leftovers": 0}
     for delay in delays:
@@ -673,7 +669,7 @@ def test_sign_force_killed_at_100_instants_leaves_old_or_new(tmp_path, small_tic
         run.wait()
         now = _set_bytes(finals)
         pending = journal_file(out).exists()
-        counts["leftovers"] += bool(_leftovers(tmp_path))
+        counts["leftovers"] += bool(_leftovers(out.parent))
         if not pending:
             assert now == before or now != before and _consistent(out)
             counts["old" if now == before else "new"] += 1
@@ -682,9 +678,32 @@ def test_sign_force_killed_at_100_instants_leaves_old_or_new(tmp_path, small_tic
         with hold_outputs(out, finals):  # the next run's recovery
             pass
         _consistent(out)
-        assert _leftovers(tmp_path) == []
-    print(f"\n{kills} kills over {duration:.2f} s runs (staged at {staged_at:.2f} s): {counts}")
-    assert sum(counts[k] for k in ("old", "new", "pending")) == kills
+        assert _leftovers(out.parent) == []
+    return counts
+
+
+@pytest.mark.slow
+def test_sign_force_killed_at_100_instants_leaves_old_or_new(tmp_path, small_ticket):
+    """100 SIGKILLs, two series side by side (one per core), each against its own outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    outs = [tmp_path / name / "s.ticket" for name in ("a", "b")]
+    for out in outs:
+        out.parent.mkdir()
+    runs = [[*_sign_args(small_ticket["ticket"], small_ticket["key"], o), "--force"] for o in outs]
+    with ThreadPoolExecutor(2) as pool:  # timed under the same load as the kills
+        timings = list(pool.map(_timed_sign, runs, [o.parent for o in outs]))
+    duration = max(d for d, _ in timings)
+    staged_at = min(s for _, s in timings)
+    # Half the kills spread over the whole run (and past its end), half over the write: from
+    # 30 ms before the first staged file to 70 ms after it.
+    delays = [duration * 1.2 * i / 49 for i in range(50)]
+    delays += [max(0.0, staged_at - 0.03 + 0.1 * i / 49) for i in range(50)]
+    with ThreadPoolExecutor(2) as pool:
+        series = list(pool.map(_kill_series, runs, outs, [delays[0::2], delays[1::2]]))
+    counts = {k: sum(c[k] for c in series) for k in series[0]}
+    print(f"\n100 kills over {duration:.2f} s runs (staged at {staged_at:.2f} s): {counts}")
+    assert sum(counts[k] for k in ("old", "new", "pending")) == 100
     assert counts["old"] > 0 and counts["new"] > 0
 
 
@@ -717,3 +736,64 @@ def test_verify_warns_of_a_pending_write_of_its_inputs(tmp_path, monkeypatch, tw
     result = invoke(args)
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert len(warnings) >= 1 and all("interrupted write" in line for line in warnings)
+
+
+def _plant(journal: Path, renames: list) -> None:
+    journal.write_text(
+        json.dumps(
+            {
+                "format": files.JOURNAL_FORMAT,
+                "renames": renames,
+                "sha256": sha256_hex(files.canonical_json(renames)),
+            }
+        )
+    )
+
+
+def test_a_well_formed_planted_journal_touches_nothing_but_the_sets_files(tmp_path):
+    """A journal carries no secret: anyone who can write the folder can plant a valid one."""
+    folder = tmp_path / "work"
+    elsewhere = tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "lnk").symlink_to(elsewhere, target_is_directory=True)
+    thesis, notes, victim = folder / "thesis.pdf", folder / "notes.txt", elsewhere / "victim.txt"
+    for path in (thesis, notes, victim):
+        path.write_text("keep me")
+    (folder / ".notes.txt.aaaaaaaaaaaa.staged").write_text("attacker content")
+    (folder / "adir").mkdir()
+    (folder / ".adir.bbbbbbbbbbbb.staged").write_text("x")
+    out = folder / "result.json"
+    cases = [
+        ([{"from": None, "to": "thesis.pdf"}], "not a file of this set"),
+        ([{"from": None, "to": "lnk/victim.txt"}], "not a file of this set"),
+        ([{"from": ".notes.txt.aaaaaaaaaaaa.staged", "to": "notes.txt"}], "not a file of this set"),
+    ]
+    for renames, message in cases:
+        _plant(journal_file(out), renames)
+        with pytest.raises(RunStateError, match=message) as caught, hold_outputs(out, [out]):
+            pass
+        assert "\n" not in str(caught.value)
+    # Finishing by hand trusts the journal's names, but not through a link or onto a folder.
+    linked = elsewhere / "result.json"
+    linked.write_text("keep me")
+    _plant(journal_file(out), [{"from": None, "to": "lnk/result.json"}])
+    with pytest.raises(RunStateError, match="through a link"), hold_outputs(out, None):
+        pass
+    _plant(journal_file(out), [{"from": ".adir.bbbbbbbbbbbb.staged", "to": "adir"}])
+    with pytest.raises(RunStateError, match="not a regular file"), hold_outputs(out, None):
+        pass
+    with (
+        pytest.raises(RunStateError, match="not a regular file"),
+        hold_outputs(out, [out, folder / "adir"]),
+    ):
+        pass
+    assert [p.read_text() for p in (thesis, notes, victim, linked)] == ["keep me"] * 4
+    assert (folder / "adir").is_dir()
+
+
+def test_a_fifo_at_the_lock_name_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "s.ticket"
+    os.mkfifo(files.lock_file(out))
+    with pytest.raises(RunStateError, match="not a regular file"), hold_outputs(out):
+        pass

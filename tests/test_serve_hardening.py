@@ -209,6 +209,8 @@ def test_body_just_under_the_cap_is_read(served):
         (b"GET /info HTTP/1.1\r\n folded: header\r\n\r\n", 400, "malformed header"),
         (b"GET /info HTTP/1.1\r\nX: y\r\n" + b"A: b\r\n" * 100 + b"\r\n", 431, "header lines"),
         (b"GET /info HTTP/1.1\r\nX: " + b"y" * 20_000 + b"\r\n\r\n", 431, "too large"),
+        (_post(b"{}", "X: a\nContent-Length: 5\r\n"), 400, "bare CR, LF or NUL"),
+        (b"GET /info HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400, "bare CR, LF or NUL"),
     ],
 )
 def test_bad_framing_is_refused(served, request_bytes, status, message):
@@ -339,6 +341,28 @@ def test_a_body_that_never_comes_is_answered_408(start):
         )
         assert status == 408 and "within 0.5 s" in answer["error"]
         assert time.monotonic() - began < 2.0
+
+
+def test_announced_bodies_that_never_come_hold_no_budget(start, make_ticket):
+    """The body budget is taken as bytes arrive: silent announcers cannot starve real POSTs."""
+    url = start(body_buffer_bytes=4096, body_timeout=5.0)
+    silent = []
+    try:
+        for _ in range(4):  # each announces more than the whole budget, then sends nothing
+            sock = socket.create_connection(_address(url), timeout=10)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+            silent.append(sock)
+        time.sleep(0.2)
+        body = json.dumps({"inputs": torch.zeros(1, *SHAPE).tolist()}).encode()
+        assert len(body) < 4096
+        began = time.monotonic()
+        with socket.create_connection(_address(url), timeout=10) as sock:
+            status, _, answer = _exchange(sock, _post(body))
+        assert status == 200 and len(answer["labels"]) == 1
+        assert time.monotonic() - began < 2.0
+    finally:
+        for sock in silent:
+            sock.close()
 
 
 def test_connections_over_the_cap_get_503(start):

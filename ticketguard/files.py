@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -196,15 +197,25 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 
 def _acquire(path: Path, label: str, wait: bool) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    flags = (
+        os.O_RDWR
+        | os.O_CREAT
+        | os.O_NONBLOCK  # a FIFO planted at the lock's name must not block the open
+        | getattr(os, "O_CLOEXEC", 0)
+        | getattr(os, "O_NOFOLLOW", 0)
+    )
     while True:
         try:
+            # Inside the loop: a run we waited for may have removed a folder it had made.
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, flags, 0o644)
         except OSError as exc:
             raise RunStateError(
                 f"{path}: cannot open the lock file of {label} ({exc.strerror or exc})"
             ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunStateError(f"{path}: the lock file of {label} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -227,8 +238,14 @@ def _acquire(path: Path, label: str, wait: bool) -> int:
         if (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise RunStateError(
+                f"{path}: cannot write the lock file of {label} ({exc.strerror or exc})"
+            ) from None
         return fd
 
 
@@ -341,6 +358,9 @@ def _read_journal(journal: Path) -> list[tuple[Path | None, Path]]:
 
 def _write_journal(journal: Path, entries: Sequence[tuple[Path | None, Path]]) -> None:
     base = journal.parent
+    outside = [f for _, f in entries if _relative(f, base).startswith("../")]
+    if outside:  # recovery could not read such a journal back: refuse before the commit
+        raise RunStateError(f"{outside[0]}: outside {base}, the folder of its output set")
     renames = [
         {"from": None if s is None else _relative(s, base), "to": _relative(f, base)}
         for s, f in entries
@@ -400,9 +420,52 @@ def _remove_leftovers(folder: Path, names: set[str] | None) -> list[Path]:
     return removed
 
 
+def _check_entries(
+    journal: Path,
+    entries: Sequence[tuple[Path | None, Path]],
+    key: Path,
+    members: Sequence[str | os.PathLike[str]] | None,
+    folders: Sequence[str | os.PathLike[str]],
+) -> None:
+    """Refuse a journal that would touch anything but this set's own files.
+
+    A journal is a plain file anyone who can write the folder could plant, so its checksum
+    proves nothing: each rename must land on one of the set's members (or directly in one of
+    its folders), in a real folder (no link leading elsewhere), on a regular file or nothing,
+    from a regular staged file; only members may be deleted.
+    """
+    problem = f"{journal}: refused: the commit journal of an interrupted write"
+    advice = "; check the files it names, then delete it to go on"
+    if members is None:  # finishing by hand: the journal's names, in its own folder tree only
+        base = os.path.realpath(key.parent)
+        for _staged, final in entries:
+            inner = os.path.relpath(os.path.abspath(final.parent), os.path.abspath(key.parent))
+            if os.path.realpath(final.parent) != os.path.normpath(os.path.join(base, inner)):
+                raise RunStateError(f"{problem} names {final} through a link{advice}")
+            if os.path.lexists(final) and not stat.S_ISREG(os.lstat(final).st_mode):
+                raise RunStateError(f"{problem} names {final}, which is not a regular file{advice}")
+        return
+    named = {os.path.abspath(m) for m in members}
+    own = {os.path.abspath(f) for f in folders}
+    real = {os.path.realpath(key.parent)} | {os.path.realpath(f) for f in folders}
+    real |= {os.path.realpath(Path(m).parent) for m in members}
+    for staged, final in entries:
+        where = os.path.abspath(final)
+        member = where in named
+        if not member and (staged is None or os.path.dirname(where) not in own):
+            raise RunStateError(f"{problem} names {final.name!r}, not a file of this set{advice}")
+        if os.path.realpath(final.parent) not in real:
+            raise RunStateError(f"{problem} names {final} through a link{advice}")
+        if os.path.lexists(final) and not stat.S_ISREG(os.lstat(final).st_mode):
+            raise RunStateError(f"{problem} names {final}, which is not a regular file{advice}")
+        if staged is not None and os.path.lexists(staged):
+            if not stat.S_ISREG(os.lstat(staged).st_mode):
+                raise RunStateError(f"{problem}: {staged} is not a regular file{advice}")
+
+
 def recover(
     key: str | os.PathLike[str],
-    members: Sequence[str | os.PathLike[str]] = (),
+    members: Sequence[str | os.PathLike[str]] | None = (),
     *,
     folders: Sequence[str | os.PathLike[str]] = (),
 ) -> list[str]:
@@ -410,6 +473,8 @@ def recover(
 
     A journal (a commit that happened) is rolled forward; then the staging and temporary files
     of `members` (and of the journal) are removed, and every one of ours in each of `folders`.
+    The journal may only touch `members` (and files directly in `folders`); `members=None`
+    (finishing by hand) trusts the names it lists within its own folder tree.
     Return one line per thing done, for the caller to show.
     """
     key = Path(key)
@@ -417,13 +482,20 @@ def recover(
     journal = journal_file(key)
     if os.path.lexists(journal):
         entries = _read_journal(journal)
-        _apply(journal, entries)
+        _check_entries(journal, entries, key, members, folders)
+        try:
+            _apply(journal, entries)
+        except OSError as exc:
+            raise RunStateError(
+                f"{journal}: cannot finish the interrupted write it records "
+                f"({exc.strerror or exc}); check the files it names, then delete it to go on"
+            ) from None
         notes.append(
             f"finished an interrupted write of {', '.join(str(f) for _, f in entries)} "
             f"(committed, not yet in place)"
         )
     by_folder: dict[Path, set[str] | None] = {key.parent: {journal.name, key.name}}
-    for member in members:
+    for member in members or ():
         member = Path(member)
         names = by_folder.setdefault(member.parent, set())
         if names is not None:
@@ -505,7 +577,7 @@ class OutputSet:
 @contextlib.contextmanager
 def hold_outputs(
     key: str | os.PathLike[str],
-    members: Sequence[str | os.PathLike[str]] = (),
+    members: Sequence[str | os.PathLike[str]] | None = (),
     *,
     folders: Sequence[str | os.PathLike[str]] = (),
     label: str | None = None,
@@ -603,7 +675,7 @@ def settle(path: str | os.PathLike[str]) -> str | None:
     for journal in _journals_naming(path):
         key = journal.with_name(journal.name[1 : -len(".journal")])
         try:
-            with hold_outputs(key):
+            with hold_outputs(key, None):
                 pass
         except (RunStateError, OSError):
             return pending_note(path)
@@ -626,7 +698,7 @@ def _main(argv: Sequence[str]) -> int:
             key = journal.with_name(journal.name[1 : -len(".journal")])
             try:
                 notes: list[str] = []
-                with hold_outputs(key, notes=notes):
+                with hold_outputs(key, None, notes=notes):
                     pass
             except (RunStateError, OSError) as exc:
                 print(f"Error: {exc}", file=sys.stderr)

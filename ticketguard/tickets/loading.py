@@ -13,6 +13,7 @@ import pickletools
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from ticketguard.tickets.ticket import (
     ticket_from_safetensors,
 )
 
+#: The local-file-header magic torch.load tests to choose its zip format.
+ZIP_MAGIC = b"PK\x03\x04"
 WRAPPER_KEYS = ("state_dict", "model", "init_weight")
 PRUNE_ORIG, PRUNE_MASK = "_orig", "_mask"
 
@@ -158,6 +161,16 @@ def _check_zip(path: Path, archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
             f"{path}: the zip's members declare {total:,} bytes in all, more than the "
             f"{MAX_MODEL_FILE_BYTES:,}-byte budget; refused"
         )
+    packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    inflated = sum(i.file_size for i in packed)
+    if inflated > 1 << 20 and inflated > MAX_COMPRESSION_RATIO * max(
+        sum(i.compress_size for i in packed), 1
+    ):
+        # Many small members each under the per-member check add up to the same bomb.
+        raise TicketFormatError(
+            f"{path}: its compressed members inflate to {inflated:,} bytes, more than "
+            f"{MAX_COMPRESSION_RATIO}x their size (a zip bomb); refused"
+        )
     pickles = [i for i in infos if i.filename.endswith(".pkl")]
     for info in pickles:
         if info.file_size > MAX_PICKLE_BYTES:
@@ -186,7 +199,11 @@ def _pickle_streams(path: Path) -> list[bytes]:
     other file: its first MAX_PICKLE_BYTES bytes (legacy torch files and plain pickles start with
     their pickles; the raw storages after them are not needed to name what the file calls).
     """
-    if zipfile.is_zipfile(path):
+    with path.open("rb") as f:
+        head = f.read(4)
+    # torch.load decides between its zip and legacy formats by these four bytes, so the budgets
+    # follow the same branch (a legacy file with a zip footer is still scanned as legacy).
+    if head == ZIP_MAGIC:
         directory = _zip_directory(path)
         if directory is not None and (
             directory[0] > MAX_ZIP_MEMBERS or directory[1] > MAX_ZIP_DIRECTORY_BYTES
@@ -196,12 +213,18 @@ def _pickle_streams(path: Path) -> list[bytes]:
                 f"directory (budget: {MAX_ZIP_MEMBERS:,} members, {MAX_ZIP_DIRECTORY_BYTES:,} "
                 "bytes); refused"
             )
-        with zipfile.ZipFile(path) as archive:
-            streams = []
-            for info in _check_zip(path, archive):
-                with archive.open(info) as member:
-                    streams.append(member.read(MAX_PICKLE_BYTES + 1))
-            return streams
+        if directory is None or not zipfile.is_zipfile(path):
+            raise TicketFormatError(f"{path}: starts like a zip file but is not a readable one")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                streams = []
+                for info in _check_zip(path, archive):
+                    with archive.open(info) as member:
+                        streams.append(member.read(MAX_PICKLE_BYTES + 1))
+                return streams
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as exc:
+            reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+            raise TicketFormatError(f"{path}: a damaged zip file ({reason})") from None
     with path.open("rb") as f:
         return [f.read(MAX_PICKLE_BYTES)]
 

@@ -81,6 +81,8 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADERS = 64
 #: Request bodies held in memory at once (read, queued or being parsed); further ones wait.
 BODY_BUFFER_BYTES = 256 * 1024 * 1024
+#: Bodies are read (and counted against BODY_BUFFER_BYTES) in pieces of at most this size.
+BODY_CHUNK_BYTES = 1024 * 1024
 
 #: Pillow mode that gives an image the model's channel count.
 _PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
@@ -493,6 +495,9 @@ def _parse_head(head: bytes) -> _Request:
         name, sep, value = line.partition(b":")
         if not sep or not _TOKEN.fullmatch(name):
             raise _Refusal(400, "malformed header line")
+        if b"\n" in value or b"\r" in value or b"\x00" in value:
+            # A bare LF is a line end to some proxies: two readings of one request (smuggling).
+            raise _Refusal(400, "a header value holds a bare CR, LF or NUL")
         headers.setdefault(name.decode("ascii").lower(), []).append(
             value.strip(b" \t").decode("latin-1")
         )
@@ -517,23 +522,28 @@ def _body_length(request: _Request, limit: int) -> int:
     return length
 
 
+class _Busy(Exception):
+    """The bodies being read already hold the whole body budget: answer 503."""
+
+
 class _ByteBudget:
-    """Bytes of request bodies held at once; `acquire` waits until the bytes fit (or none held)."""
+    """Bytes of request bodies held at once, counted as they arrive (all on the event loop)."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
-        self._changed = asyncio.Condition()
 
-    async def acquire(self, n: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
-            self.used += n
+    def try_acquire(self, n: int) -> bool:
+        """Take `n` bytes if they fit now (or none are held). Never waits: bodies that arrive
+        piece by piece must not wait on each other, or partly read bodies could block one
+        another; a body that does not fit is answered 503."""
+        if self.used and self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
 
-    async def release(self, n: int) -> None:
-        async with self._changed:
-            self.used -= n
-            self._changed.notify_all()
+    def release(self, n: int) -> None:
+        self.used -= n
 
 
 _date_cache: list[Any] = [0, ""]
@@ -718,16 +728,20 @@ class PredictionServer:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        clean = True
         try:
             while await self._exchange(reader, writer, client):
                 pass
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
-            pass  # the client went away or stalled: nobody is left to answer
+            clean = False  # the client went away or stalled: nobody is left to answer
         finally:
             self.connections -= 1
             if task is not None:
                 self._tasks.discard(task)
-            writer.close()
+            if clean:
+                writer.close()
+            else:  # drop unsent data now: a client that does not read must not hold memory
+                writer.transport.abort()
 
     async def _exchange(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str
@@ -754,21 +768,25 @@ class PredictionServer:
             return False
         method = "GET" if request.method == "HEAD" else request.method
         body = b""
-        if length:
-            if expect and request.version == "HTTP/1.1":
-                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            try:
-                async with asyncio.timeout(self.body_timeout):
-                    await self._budget.acquire(length)
-            except TimeoutError:
-                busy = {"error": "the server is busy; retry later"}
-                extra = ("Retry-After: 1",)
-                await self._send(writer, client, request, 503, busy, started=started, extra=extra)
-                return False
+        if length and expect and request.version == "HTTP/1.1":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        reserved = 0
         try:
             if length:
+                # The budget is taken as the bytes arrive, not when they are announced: a client
+                # that announces a large body and sends nothing holds nothing.
+                parts = []
                 async with asyncio.timeout(self.body_timeout):
-                    body = await reader.readexactly(length)
+                    while reserved < length:
+                        chunk = await reader.read(min(length - reserved, BODY_CHUNK_BYTES))
+                        if not chunk:
+                            raise asyncio.IncompleteReadError(b"", length)
+                        if not self._budget.try_acquire(len(chunk)):
+                            raise _Busy
+                        reserved += len(chunk)
+                        parts.append(chunk)
+                body = b"".join(parts)
+                del parts
             if method == "POST":
                 status, data, extra = await self._work(method, request.target, body)
             else:  # GET /info, 404s and 405s: cheap, answered on the loop
@@ -778,9 +796,14 @@ class PredictionServer:
             late = {"error": f"the body did not arrive within {self.body_timeout:g} s"}
             await self._send(writer, client, request, 408, late, started=started)
             return False
+        except _Busy:
+            busy = {"error": "the server is busy; retry later"}
+            extra = ("Retry-After: 1",)
+            await self._send(writer, client, request, 503, busy, started=started, extra=extra)
+            return False
         finally:
-            if length:
-                await self._budget.release(length)
+            if reserved:
+                self._budget.release(reserved)
         await self._send_data(writer, client, request, status, data, started, extra=extra)
         return request.keep_alive
 
