@@ -384,10 +384,14 @@ class HttpSuspect:
 
     def _exchange(self, body: bytes) -> tuple[int, bytes]:
         """POST the body once; a kept-alive connection the server has closed is reopened for free."""
+        end = time.monotonic() + self.timeout  # one deadline, a reopened connection included
         while True:
             reused = self._conn is not None and self._conn_used
             try:
-                return self._round_trip(body)
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise _Failure(f"no answer within {self.timeout} s", retry=True)
+                return self._round_trip(body, left)
             except _Stale:
                 self._drop()
                 if not reused:
@@ -422,13 +426,13 @@ class HttpSuspect:
             self._conn.sock.settimeout(min(self.timeout, deadline.remaining()))
         return self._conn
 
-    def _round_trip(self, body: bytes) -> tuple[int, bytes]:
-        """One POST and its whole answer, within `timeout` seconds in all, connecting included.
+    def _round_trip(self, body: bytes, seconds: float) -> tuple[int, bytes]:
+        """One POST and its whole answer, within `seconds` in all, connecting included.
 
         The socket timeout bounds each wait for data; a watchdog bounds the whole exchange, so
         a server that drips its answer a byte at a time cannot hold verification up.
         """
-        deadline = _Deadline(self.timeout)
+        deadline = _Deadline(seconds)
         try:
             conn = self._connection(deadline)
             # Held here: http.client drops `conn.sock` once an HTTP/1.0 answer starts, but the
