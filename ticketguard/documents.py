@@ -29,33 +29,33 @@ MAX_INT_DIGITS = 64
 MAX_DOCUMENT_BYTES = 16 << 20
 
 
-class _Refused(ValueError):
-    """Raised inside the JSON parser's hooks; turned into the caller's error."""
+class Refused(ValueError):
+    """A document broke a strict rule (raised while parsing; `parse_json` names the caller's error)."""
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _Refused(f"duplicate key {_shown(key)}")
+            raise Refused(f"duplicate key {_shown(key)}")
         result[key] = value
     return result
 
 
 def _constant(name: str) -> Any:
-    raise _Refused(f"non-finite number {name}")
+    raise Refused(f"non-finite number {name}")
 
 
 def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise _Refused(f"number {text[:20]} is out of range")
+        raise Refused(f"number {text[:20]} is out of range")
     return value
 
 
 def _int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _Refused(f"an integer of {len(text)} digits")
+        raise Refused(f"an integer of {len(text)} digits")
     return int(text)
 
 
@@ -77,11 +77,11 @@ def _check_tree(value: Any, max_depth: int) -> str | None:
             children: Iterable[Any] = item.values() if isinstance(item, dict) else item
             if isinstance(item, dict):
                 for key in item:
-                    if isinstance(key, str) and not _is_unicode(key):
+                    if isinstance(key, str) and not is_unicode(key):
                         return "a key that is not valid Unicode"
             stack.extend((child, depth + 1) for child in children)
         elif isinstance(item, str):
-            if not _is_unicode(item):
+            if not is_unicode(item):
                 return "a string that is not valid Unicode (a lone surrogate)"
         elif isinstance(item, float) and not math.isfinite(item):
             return "a non-finite number"
@@ -91,12 +91,30 @@ def _check_tree(value: Any, max_depth: int) -> str | None:
     return None
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
+    """Whether `text` encodes as UTF-8 (no lone surrogates)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
+
+
+def loads_strict(text: str, *, check_floats: bool = True) -> Any:
+    """json.loads with the strict rules applied while parsing (no tree walk afterwards).
+
+    Duplicate keys, NaN/Infinity and integers of more than `MAX_INT_DIGITS` digits are refused
+    with ValueError (its message says what); with `check_floats` an overflowing literal (1e400)
+    is refused too, at the cost of a Python call per float; without it, it becomes infinity
+    and the caller must refuse non-finite values itself. RecursionError is left to the caller.
+    """
+    return json.loads(
+        text,
+        object_pairs_hook=_pairs,
+        parse_constant=_constant,
+        parse_float=_float if check_floats else None,
+        parse_int=_int,
+    )
 
 
 def parse_json(
@@ -115,14 +133,8 @@ def parse_json(
     else:
         text = data
     try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_pairs,
-            parse_constant=_constant,
-            parse_float=_float,
-            parse_int=_int,
-        )
-    except _Refused as exc:
+        value = loads_strict(text)
+    except Refused as exc:
         raise error(f"{what}: refused: {exc}") from None
     except RecursionError:
         raise error(f"{what}: refused: nested deeper than {max_depth} levels") from None
@@ -144,7 +156,7 @@ def parse_toml(
     """Parse a TOML document strictly (TOML itself refuses duplicate keys)."""
     try:
         value = tomllib.loads(text, parse_float=_float)
-    except _Refused as exc:
+    except Refused as exc:
         raise error(f"{what}: refused: {exc}") from None
     except RecursionError:
         raise error(f"{what}: refused: nested deeper than {max_depth} levels") from None

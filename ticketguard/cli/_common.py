@@ -47,7 +47,7 @@ def parse_kwargs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
     that no option may hold (NaN, Infinity, 1e400, a lone surrogate, duplicate keys, deep
     nesting) is refused with one line rather than passed on; a key given twice is refused too.
     """
-    from ticketguard.documents import parse_json
+    from ticketguard.documents import is_unicode, parse_json
 
     if len(pairs) > MAX_KWARGS:
         raise click.BadParameter(f"at most {MAX_KWARGS} KEY=VALUE pairs", param_hint=option)
@@ -63,7 +63,7 @@ def parse_kwargs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
         except _NotJson as exc:
             if ": not valid JSON (" not in str(exc):
                 raise click.BadParameter(str(exc), param_hint=option) from None
-            if not _is_unicode(raw):
+            if not is_unicode(raw):
                 raise click.BadParameter(
                     f"the value of {_shown(key)} is not valid Unicode", param_hint=option
                 ) from None
@@ -73,14 +73,6 @@ def parse_kwargs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 
 class _NotJson(ConfigError):
     """A KEY=VALUE value the strict JSON reader did not take (not JSON, or refused)."""
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _shown(text: str, limit: int = 60) -> str:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ticketguard.documents import MAX_INT_DIGITS
+from ticketguard.documents import Refused, loads_strict
 from ticketguard.errors import ArchitectureError, ConfigError, DatasetError
 
 PROTOCOL = "ticketguard-predict/1"
@@ -125,25 +125,6 @@ def implied_body_bytes(input_shape: tuple[int, int, int], max_batch: int) -> int
     return min(DEFAULT_MAX_BODY_BYTES, max(MIN_BODY_BYTES, wanted))
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _BadRequest(f"the body is refused: duplicate key {key[:40]!r}")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise _BadRequest(f"the body is refused: non-finite number {name}")
-
-
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _BadRequest(f"the body is refused: an integer of {len(text.lstrip('-'))} digits")
-    return int(text)
-
-
 def _loads(body: bytes) -> Any:
     """Parse a request body with the rules of `ticketguard.documents.parse_json` for numbers.
 
@@ -157,12 +138,9 @@ def _loads(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise _BadRequest("the body is not valid JSON (not UTF-8)") from None
     try:
-        return json.loads(
-            text,
-            object_pairs_hook=_unique_keys,
-            parse_constant=_no_constant,
-            parse_int=_bounded_int,
-        )
+        return loads_strict(text, check_floats=False)
+    except Refused as exc:
+        raise _BadRequest(f"the body is refused: {exc}") from None
     except (ValueError, RecursionError):
         raise _BadRequest("the body is not valid JSON") from None
 
