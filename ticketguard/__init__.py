@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
-
-from ticketguard.tickets.mask import Mask  # noqa: E402
-from ticketguard.tickets.ticket import Ticket, load_ticket  # noqa: E402
+from ticketguard.tickets.mask import Mask
+from ticketguard.tickets.ticket import Ticket, load_ticket
+from ticketguard.version import __version__
 
 __all__ = [
     "Mask",

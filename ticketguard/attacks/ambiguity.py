@@ -39,6 +39,7 @@ from ticketguard.files import canonical_json
 from ticketguard.signatures.keys import OwnerKey
 from ticketguard.tickets.mask import Mask
 from ticketguard.tickets.ticket import Ticket
+from ticketguard.version import __version__
 
 #: The attacker's owner id when no key file is given.
 ATTACKER = "mallory@example.org"
@@ -471,7 +472,6 @@ def key_search(
     only return some other payload, which is a valid signature of the message with negligible
     probability.
     """
-    from ticketguard import __version__
     from ticketguard.attacks.grinding import Rule, expected_work_log2, log10_sum, work_text
     from ticketguard.signatures.credential import payload_message
     from ticketguard.signatures.payload import EccParams, embedded_bits, recover_payload

@@ -65,6 +65,7 @@ from ticketguard.verify.stats import (
     format_work,
     judge,
 )
+from ticketguard.version import __version__
 
 SCHEMES = ("w2", "w3", "b1")
 #: The creation time of W2 try 0 when none is given; try i claims this time plus i seconds.
@@ -400,7 +401,6 @@ class _W2Job:
 
 def _message_parts(owner: str, fingerprint: str) -> tuple[bytes, bytes]:
     """Return the payload message before and after its creation time (the only part that varies)."""
-    from ticketguard import __version__
     from ticketguard.signatures.credential import payload_message
 
     marker = "\ue000"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ticketguard import __version__
 from ticketguard.cli.attack import attack
 from ticketguard.cli.bench import bench
 from ticketguard.cli.dispute import dispute
@@ -15,6 +14,7 @@ from ticketguard.cli.render import render
 from ticketguard.cli.serve import serve
 from ticketguard.cli.sign import sign, thin
 from ticketguard.cli.verify import verify
+from ticketguard.version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

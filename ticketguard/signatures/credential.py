@@ -21,6 +21,7 @@ from ticketguard.signatures.keys import (
     validate_owner,
     write_file_atomic,
 )
+from ticketguard.version import __version__
 
 CREDENTIAL_FORMAT = "ticketguard-credential/1"
 SECRET_FORMAT = "ticketguard-secret/1"
@@ -74,8 +75,6 @@ def make_credential(
     trigger_set: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build and sign a credential document; raise ConfigError for a malformed field."""
-    from ticketguard import __version__
-
     if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
         raise ConfigError(f"the embedding seed must be {SEED_BYTES} bytes")
     document: dict[str, Any] = {

@@ -43,6 +43,7 @@ from ticketguard.tickets.retrain import (
 )
 from ticketguard.tickets.ticket import Ticket
 from ticketguard.tickets.training import ExtraSamples
+from ticketguard.version import __version__
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,6 @@ def embed_owner_signature(
     W2 writes the payload (the owner's signature) itself; W3 writes the QR code of the config's
     text, and the payload is only carried by the credential. Pure: no training, no files.
     """
-    from ticketguard import __version__
     from ticketguard.tickets.finding import creation_time
 
     config = config or SignConfig()

@@ -18,6 +18,7 @@ from ticketguard.documents import parse_json
 from ticketguard.errors import ArchitectureError, MaskError, TicketFormatError
 from ticketguard.files import atomic_path, canonical_json
 from ticketguard.tickets.mask import Mask
+from ticketguard.version import __version__
 
 FORMAT = "ticketguard-ticket/1"
 METADATA_KEY = "ticketguard"
@@ -113,8 +114,6 @@ class Ticket:
 
     def full_metadata(self) -> dict[str, Any]:
         """Return the metadata with the derived fields (fingerprint, sparsity) filled in fresh."""
-        from ticketguard import __version__
-
         meta = dict(self.metadata)
         meta["format"] = FORMAT
         meta.setdefault("toolkit_version", __version__)

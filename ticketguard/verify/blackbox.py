@@ -34,6 +34,7 @@ from torch import nn
 
 from ticketguard.documents import parse_json
 from ticketguard.errors import ConfigError, EndpointError
+from ticketguard.version import __version__
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
@@ -586,8 +587,6 @@ class _Stale(Exception):
 
 
 def _user_agent() -> str:
-    from ticketguard import __version__
-
     return f"ticketguard/{__version__}"
 
 

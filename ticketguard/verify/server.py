@@ -39,6 +39,7 @@ from torch import nn
 
 from ticketguard.documents import Refused, loads_strict
 from ticketguard.errors import ArchitectureError, ConfigError, DatasetError
+from ticketguard.version import __version__
 
 PROTOCOL = "ticketguard-predict/1"
 DEFAULT_MAX_BATCH = 1024
@@ -548,8 +549,6 @@ def _encode(payload: Mapping[str, Any]) -> bytes:
 def _response(
     status: int, data: bytes, *, close: bool, head_only: bool = False, extra: Sequence[str] = ()
 ) -> bytes:
-    from ticketguard import __version__
-
     lines = [
         f"HTTP/1.1 {status} {_phrase(status)}",
         f"Server: ticketguard/{__version__}",
