@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -445,3 +446,32 @@ def test_ragged_inputs_are_refused_before_a_tensor_is_built(service, monkeypatch
     status, answer = service.handle("POST", "/predict", _post({"inputs": ragged}))
     assert status == 400
     assert "nested lists of numbers shaped (N, 1, 8, 8)" in answer["error"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_on_a_signal_while_connections_are_dropped(ticket_file, sig):
+    """The signal asks the loop to stop; it is never raised inside a transport's __del__."""
+    path, _ = ticket_file
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ticketguard", "serve", str(path), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            match = re.search(r" at http://127\.0\.0\.1:(\d+) ", proc.stdout.readline())
+            assert match
+            port = int(match.group(1))
+            for _ in range(20):  # connections dropped mid-request leave transports to collect
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"POST /predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            proc.send_signal(sig)
+            assert proc.wait(timeout=20) == 0
+            assert "Traceback" not in proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()

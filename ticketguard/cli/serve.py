@@ -19,14 +19,6 @@ from ticketguard.cli._common import (
 )
 
 
-class _Stop(Exception):
-    """SIGTERM asked the server to stop."""
-
-
-def _stop(signum: int, frame: Any) -> None:
-    raise _Stop
-
-
 def _raise_file_limit(wanted: int) -> None:
     """Let the process hold `wanted` open files (sockets), within the hard limit, if it can."""
     try:
@@ -122,19 +114,26 @@ def serve(
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
+
+    # SIGTERM and Ctrl-C ask the loop to stop; raising from the handler instead could land in
+    # any frame (a transport's __del__ swallows it) and leave the server running.
+    def stop(signum: int, frame: Any) -> None:
+        server.request_stop()
+
+    # Installed before the address is printed: a client may signal as soon as it reads it.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     c, h, w = service.input_shape
     click.echo(
         f"serving {model_file} ({service.architecture}, input {c}x{h}x{w}, {service.num_classes} classes) "
         f"at {server.url} — POST /predict, GET /info; Ctrl-C stops"
     )
     sys.stdout.flush()
-    previous = signal.signal(signal.SIGTERM, _stop)
+
     try:
         server.serve_forever()
-    except (KeyboardInterrupt, _Stop):
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.server_close()
     # Connection threads may still be blocked on kept-alive sockets, and torch's C++ worker
     # threads alive: tearing the interpreter down around them can abort the process (SIGABRT,

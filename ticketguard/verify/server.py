@@ -658,6 +658,14 @@ class PredictionServer:
             if self._tasks:
                 await asyncio.wait(list(self._tasks), timeout=2)
 
+    def request_stop(self) -> None:
+        """Ask `serve_forever` to return, without waiting: safe in a signal handler."""
+        loop, stop = self._loop, self._stop
+        self._stop_asked = True
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(stop.set)
+
     def shutdown(self) -> None:
         """Stop `serve_forever` (called from another thread) and wait until it has returned."""
         with self._guard:
